@@ -1,0 +1,1 @@
+"""The HTTP API: thin handlers, caller identity and policy, problem+json errors."""

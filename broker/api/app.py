@@ -1,0 +1,105 @@
+"""The aiohttp application: routes, caller identification, and errors as problem+json."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from broker.api import handlers
+from broker.api.context import CALLER, CLOCK, METRICS, POLICY, READINESS, SERVICE
+from broker.api.identity import ANONYMOUS, Caller, Policy, peer_credentials
+from broker.api.problems import OUTCOMES, problem, problem_for, unauthenticated
+from broker.errors import BrokerError
+from broker.grants import GrantService
+from broker.metrics import Metrics
+
+MAX_BODY_BYTES = 64 * 1024
+_PUBLIC = frozenset({"/healthz", "/readyz", "/metrics"})
+log = structlog.get_logger("broker.api")
+
+
+def _caller(request: web.Request) -> Caller | None:
+    """The caller of this request, or None for a TCP request without a valid bearer."""
+    # asyncio hands out a TransportSocket wrapper, which still answers getsockopt.
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        _pid, uid, gid = peer_credentials(sock)
+        return request.app[POLICY].unix_caller(uid, gid)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return request.app[POLICY].bearer_caller(token.strip())
+
+
+@web.middleware
+async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Attach the caller; refuse unauthenticated TCP requests outside the public routes."""
+    if request.path in _PUBLIC:
+        request[CALLER] = ANONYMOUS
+        return await handler(request)
+    caller = _caller(request)
+    if caller is None:
+        if request.path.startswith("/v1/tokens/"):
+            provider = request.path.split("/")[3] if request.path.count("/") >= 3 else ""
+            request.app[METRICS].count_token_request(provider, OUTCOMES["unauthenticated"], 0.0)
+        return unauthenticated("send Authorization: Bearer with a client's token")
+    request[CALLER] = caller
+    return await handler(request)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as problem+json; unexpected ones are logged, never echoed."""
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        return problem_for(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status, "bad_request"
+        )
+        return problem(exc.status, code, exc.reason, exc.text or exc.reason)
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return problem(500, "internal_error", "Internal error", "the broker failed; see its log")
+
+
+def build_app(
+    *,
+    service: GrantService,
+    metrics: Metrics,
+    policy: Policy,
+    clock: Callable[[], datetime],
+    readiness: Callable[[], Awaitable[list[str]]],
+) -> web.Application:
+    """The API application; the same one serves the Unix socket and the TCP listener."""
+    app = web.Application(middlewares=[problems, identify], client_max_size=MAX_BODY_BYTES)
+    app[SERVICE] = service
+    app[METRICS] = metrics
+    app[POLICY] = policy
+    app[CLOCK] = clock
+    app[READINESS] = readiness
+    app.router.add_get("/v1/tokens/{provider}/{user}", handlers.get_token)
+    app.router.add_get("/v1/grants", handlers.list_grants)
+    app.router.add_post("/v1/grants", handlers.import_grant)
+    app.router.add_get("/v1/grants/{provider}/{user}", handlers.get_grant)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    """The app for the metrics TCP listener: /metrics and /healthz only."""
+    app = web.Application(middlewares=[problems])
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/healthz", handlers.healthz)
+    return app

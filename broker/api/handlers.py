@@ -1,0 +1,207 @@
+"""Thin request handlers: parse, call the grant service, shape JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.context import CALLER, CLOCK, METRICS, READINESS, SERVICE
+from broker.api.problems import OUTCOMES, classify, problem_for
+from broker.errors import BadRequest, BrokerError, Forbidden
+from broker.grants import Import
+from broker.model import GrantSummary, Secret
+
+MAX_MIN_TTL = 86_400
+MAX_SECRET_CHARS = 16_384
+MAX_EXPIRES_IN = 10 * 365 * 86_400
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_IMPORT_FIELDS = {
+    "provider",
+    "user",
+    "refresh_token",
+    "access_token",
+    "expires_in",
+    "scope",
+    "force",
+}
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    """UTC RFC 3339 with a Z, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def get_token(request: web.Request) -> web.Response:
+    """GET /v1/tokens/{provider}/{user}: the access token, from memory."""
+    started = time.perf_counter()
+    provider, user = request.match_info["provider"], request.match_info["user"]
+    metrics = request.app[METRICS]
+    try:
+        _min_ttl(request)
+        caller = request[CALLER]
+        if not caller.may_fetch(provider, user):
+            raise Forbidden(f"caller {caller.name} may not fetch {provider}/{user}")
+        now = request.app[CLOCK]()
+        grant = request.app[SERVICE].token(provider, user, now)
+    except BrokerError as exc:
+        _status, code, _title = classify(exc)
+        outcome = OUTCOMES.get(code, "unavailable")
+        metrics.count_token_request(provider, outcome, time.perf_counter() - started)
+        return problem_for(exc)
+    assert grant.tokens.access_token is not None
+    assert grant.access_expires_at is not None
+    body = {
+        "access_token": grant.tokens.access_token.reveal(),
+        "token_type": grant.token_type,
+        "expires_in": int(grant.access_ttl(now)),
+        "expires_at": rfc3339(grant.access_expires_at),
+        "scope": " ".join(grant.scopes),
+        "provider": grant.provider,
+        "user": grant.user,
+    }
+    metrics.count_token_request(provider, "served", time.perf_counter() - started)
+    return _json(body, headers=NO_STORE)
+
+
+def _min_ttl(request: web.Request) -> int | None:
+    raw = request.query.get("min_ttl")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > MAX_MIN_TTL:
+        raise BadRequest(f"min_ttl must be a whole number of seconds from 0 to {MAX_MIN_TTL}")
+    return int(raw)
+
+
+def summary_json(summary: GrantSummary) -> dict[str, Any]:
+    """The admin view of a grant."""
+    return {
+        "provider": summary.provider,
+        "user": summary.user,
+        "sub": summary.sub,
+        "state": summary.state.value,
+        "scopes": list(summary.scopes),
+        "access_expires_at": rfc3339(summary.access_expires_at),
+        "next_refresh_at": rfc3339(summary.next_refresh_at),
+        "generation": summary.generation,
+        "last_error": summary.last_error,
+        "has_refresh_token": summary.has_refresh_token,
+    }
+
+
+def _require_admin(request: web.Request) -> None:
+    caller = request[CALLER]
+    if not caller.admin:
+        raise Forbidden(f"caller {caller.name} is not an admin")
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    """GET /v1/grants."""
+    _require_admin(request)
+    summaries = await request.app[SERVICE].summaries()
+    return _json({"grants": [summary_json(s) for s in summaries]})
+
+
+async def get_grant(request: web.Request) -> web.Response:
+    """GET /v1/grants/{provider}/{user}."""
+    _require_admin(request)
+    summary = await request.app[SERVICE].summary(
+        request.match_info["provider"], request.match_info["user"]
+    )
+    return _json(summary_json(summary))
+
+
+async def import_grant(request: web.Request) -> web.Response:
+    """POST /v1/grants: store a refresh token obtained elsewhere."""
+    _require_admin(request)
+    body = await _json_object(request)
+    unknown = sorted(set(body) - _IMPORT_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    access_token = _optional_secret(body, "access_token")
+    expires_in = body.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, int)
+        or not 0 < expires_in <= MAX_EXPIRES_IN
+    ):
+        raise BadRequest(f"expires_in must be a whole number of seconds, 1 to {MAX_EXPIRES_IN}")
+    scope = body.get("scope")
+    if scope is not None and not isinstance(scope, str):
+        raise BadRequest("scope must be a space-separated string")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise BadRequest("force must be true or false")
+    refresh_token = _optional_secret(body, "refresh_token")
+    if refresh_token is None:
+        raise BadRequest("refresh_token is required")
+    summary, created = await request.app[SERVICE].import_grant(
+        Import(
+            provider=_string(body, "provider"),
+            user=_string(body, "user"),
+            refresh_token=refresh_token,
+            access_token=access_token,
+            expires_in=expires_in,
+            scope=None if scope is None else tuple(scope.split()),
+            force=force,
+        ),
+        request.app[CLOCK](),
+    )
+    return _json(summary_json(summary), status=201 if created else 200)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    """GET /healthz: the process runs."""
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when the store, keys and refresher work; 503 with the reasons."""
+    problems = await request.app[READINESS]()
+    if problems:
+        return _json({"status": "unavailable", "problems": problems}, status=503)
+    return _json({"status": "ready"})
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise BadRequest("send a JSON body with Content-Type: application/json")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _string(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name} is required and must be a non-empty string")
+    return value
+
+
+def _optional_secret(body: dict[str, Any], name: str) -> Secret | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_SECRET_CHARS:
+        raise BadRequest(f"{name} must be a non-empty string of at most {MAX_SECRET_CHARS} chars")
+    if any(ch.isspace() for ch in value):
+        raise BadRequest(f"{name} must not contain whitespace")
+    return Secret(value)

@@ -1,0 +1,513 @@
+"""TOML configuration -> frozen, validated dataclasses; every problem is reported at once.
+
+Parsing never stops at the first mistake: the `_Table` getters record `key.path: reason`
+problems and return a placeholder, and `parse_config` raises one `ConfigError` at the end.
+Nothing here touches the network or reads secret files; paths are only resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, cast, get_args
+from urllib.parse import urlsplit
+
+from broker.errors import ConfigError
+from broker.model import PROVIDER_RE
+
+DEFAULT_CONFIG_PATH = Path("/etc/token-broker/config.toml")
+CONFIG_ENV = "TOKEN_BROKER_CONFIG"
+
+ClientAuth = Literal["none", "client_secret_basic", "client_secret_post"]
+_CLIENT_AUTHS: tuple[str, ...] = get_args(ClientAuth)
+_URL_KEYS = (
+    "issuer",
+    "authorization_endpoint",
+    "token_endpoint",
+    "revocation_endpoint",
+    "jwks_uri",
+    "userinfo_endpoint",
+)
+_IDENTITY_KEYS = ("unix_user", "unix_uid", "unix_group", "token_sha256")
+_DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION_RE = re.compile(r"(?:\d+(?:ms|s|m|h|d))+", re.ASCII)
+_DURATION_PART_RE = re.compile(r"(\d+)(ms|s|m|h|d)", re.ASCII)
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_TOML_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),  # before int: bool is a subclass of int
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+)
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A TCP address to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the daemon listens."""
+
+    socket: Path = Path("/run/token-broker/broker.sock")
+    socket_mode: int = 0o660
+    tcp: Listen | None = None
+    callback: Listen | None = Listen("127.0.0.1", 8000)
+    metrics: Listen | None = Listen("127.0.0.1", 9464)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where grants are kept and the keyring that seals them."""
+
+    url: str = "sqlite:////var/lib/token-broker/broker.db"
+    key_file: Path = Path("/etc/token-broker/keys")
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshConfig:
+    """When access tokens are refreshed, and how many refreshes run at once per provider."""
+
+    lifetime_fraction: float = 0.75
+    min_margin: timedelta = timedelta(seconds=60)
+    jitter: float = 0.1
+    max_concurrency: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class AccessTokenSource:
+    """Where the served access token comes from: the token response, or an ID token claim."""
+
+    kind: Literal["token_response", "id_token_claim"] = "token_response"
+    claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One OAuth 2.0 / OIDC provider; endpoints left None come from discovery."""
+
+    name: str
+    issuer: str | None
+    authorization_endpoint: str | None
+    token_endpoint: str | None
+    revocation_endpoint: str | None
+    jwks_uri: str | None
+    userinfo_endpoint: str | None
+    client_id: str
+    client_secret_file: Path | None
+    client_auth: ClientAuth
+    scopes: tuple[str, ...]
+    redirect_uri: str
+    access_token_from: AccessTokenSource
+    refresh_grace: timedelta
+    rotates_refresh_tokens: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """A local service: how it is recognised and which grants it may fetch."""
+
+    name: str
+    unix_user: str | None
+    unix_uid: int | None
+    unix_group: str | None
+    token_sha256: str | None
+    grants: tuple[str, ...]
+    admin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration; `source` names the file it came from."""
+
+    source: str
+    server: ServerConfig
+    store: StoreConfig
+    refresh: RefreshConfig
+    providers: Mapping[str, ProviderConfig]
+    clients: tuple[ClientConfig, ...]
+
+
+def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
+    """The config path: `-c`, else `$TOKEN_BROKER_CONFIG`, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a duration such as "90s", "15m", "10h", "1d", "500ms" or "1h30m"."""
+    if _DURATION_RE.fullmatch(text):
+        try:
+            ms = sum(int(n) * _DURATION_MS[unit] for n, unit in _DURATION_PART_RE.findall(text))
+            return timedelta(milliseconds=ms)
+        except OverflowError:
+            raise ValueError(f"duration {text!r} is too large") from None
+    hint = f'; write "{text.strip()}s" for seconds' if text.strip().isdigit() else ""
+    raise ValueError(
+        f"invalid duration {text!r}: expected whole numbers with units ms, s, m, h or d,"
+        f' such as "30s", "15m" or "1h30m"{hint}'
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the TOML file at `path`."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["the file is not valid UTF-8"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"TOML syntax error: {e}"]) from None
+    return parse_config(data, source=str(path), base_dir=path.absolute().parent)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
+    """Validate parsed TOML; relative paths are resolved against `base_dir`."""
+    problems: list[str] = []
+    base_dir = base_dir.absolute()
+    root = _Table(data, "", problems, ("server", "store", "refresh", "providers", "clients"))
+    server = _parse_server(root.section("server", ServerConfig), base_dir)
+    store = _parse_store(root.section("store", StoreConfig), base_dir)
+    refresh = _parse_refresh(root.section("refresh", RefreshConfig))
+    providers: dict[str, ProviderConfig] = {}
+    for name, table in root.table("providers").items():
+        if isinstance(table, dict):
+            keys = _keys(ProviderConfig, exclude="name")
+            providers[name] = _parse_provider(
+                name, _Table(table, f"providers.{name}", problems, keys), base_dir
+            )
+        else:
+            problems.append(f"providers.{name}: expected a table, got {_type_name(table)}")
+    clients = _parse_clients(root, providers)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(source, server, store, refresh, MappingProxyType(providers), clients)
+
+
+class _Table:
+    """One TOML table being read: typed getters record problems instead of raising.
+
+    A getter returns None (or the given default) when the key is absent or its value is wrong,
+    so parsing carries on and every mistake in the file is reported together.
+    """
+
+    def __init__(
+        self, data: Mapping[str, Any], path: str, problems: list[str], keys: Iterable[str]
+    ) -> None:
+        self.data, self.prefix, self.problems = data, path, problems
+        known = list(keys)
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                self.problem(
+                    key, "unknown key" + (f' (did you mean "{close[0]}"?)' if close else "")
+                )
+
+    def where(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.where(key)}: {message}")
+
+    def _get(self, key: str, types: tuple[type, ...], expected: str) -> Any:
+        value = self.data.get(key)
+        # bool is a subclass of int: `jitter = true` must not read as 1.
+        is_bool_number = isinstance(value, bool) and bool not in types
+        if value is not None and (not isinstance(value, types) or is_bool_number):
+            self.problem(key, f"expected {expected}, got {_type_name(value)}")
+            return None
+        return value
+
+    def string(self, key: str, expected: str = "a string") -> str | None:
+        return cast("str | None", self._get(key, (str,), expected))
+
+    def nonempty(self, key: str, *, required: bool = False) -> str | None:
+        value = self.string(key)
+        if value == "" or (value is None and required and key not in self.data):
+            self.problem(key, "must not be empty" if value == "" else "required")
+            return None
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._get(key, (int, float), "a number")
+        return default if value is None else float(value)
+
+    def integer(self, key: str) -> int | None:
+        return cast("int | None", self._get(key, (int,), "an integer"))
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, (bool,), "true or false")
+        return default if value is None else bool(value)
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        items = self._get(key, (list,), "an array of strings")
+        if items is None:
+            return None
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                self.problem(f"{key}[{i}]", f"expected a string, got {_type_name(item)}")
+        return tuple(item for item in items if isinstance(item, str))
+
+    def duration(self, key: str, default: timedelta) -> timedelta:
+        value = self._get(key, (str,), 'a duration string such as "30s"')
+        try:
+            return default if value is None else parse_duration(value)
+        except ValueError as e:
+            self.problem(key, str(e))
+            return default
+
+    def path(self, key: str, base_dir: Path) -> Path | None:
+        value = self.nonempty(key)
+        return None if value is None else base_dir / value
+
+    def array(self, key: str, expected: str) -> list[Any]:
+        return cast("list[Any]", self._get(key, (list,), expected) or [])
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        return cast("Mapping[str, Any]", self._get(key, (dict,), "a table") or {})
+
+    def section(self, key: str, cls: type) -> _Table:
+        return _Table(self.table(key), self.where(key), self.problems, _keys(cls))
+
+
+def _keys(cls: type, exclude: str = "") -> list[str]:
+    # The TOML keys of a section are exactly the field names of its dataclass.
+    return [f.name for f in dataclasses.fields(cls) if f.name != exclude]
+
+
+def _type_name(value: object) -> str:
+    return next((n for t, n in _TOML_TYPE_NAMES if isinstance(value, t)), type(value).__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_listen(text: str) -> Listen:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'expected "HOST:PORT" or "[IPV6]:PORT", got {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'write an IPv6 address in brackets, such as "[::1]:{port}"')
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port must be a number from 1 to 65535, got {port!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address or localhost") from None
+    return Listen(host, int(port))
+
+
+def _listen(
+    t: _Table, key: str, default: Listen | None, *, loopback: bool = False
+) -> Listen | None:
+    text = t.string(key)
+    if text is None:
+        return default
+    if text == "":
+        return None  # "" switches the listener off
+    try:
+        listen = _parse_listen(text)
+    except ValueError as e:
+        t.problem(key, str(e))
+        return default
+    if loopback and not _is_loopback(listen.host):
+        reason = "must be a loopback address, because bearer tokens travel in clear"
+        t.problem(key, f"{text!r} {reason}")
+    return listen
+
+
+def _check_url(t: _Table, key: str, url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname or ""
+    except ValueError:  # e.g. an unclosed "[" in the host
+        scheme, host = "", ""
+    if not host or not (scheme == "https" or (scheme == "http" and _is_loopback(host))):
+        t.problem(key, f"must be an https URL (http only for a loopback host), got {url!r}")
+
+
+def _parse_server(t: _Table, base_dir: Path) -> ServerConfig:
+    d = ServerConfig()
+    mode = d.socket_mode
+    text = t.string("socket_mode", 'a string of octal digits such as "0660"')
+    if text is not None and not re.fullmatch(r"[0-7]{3,4}", text):
+        t.problem("socket_mode", f'expected 3 or 4 octal digits such as "0660", got {text!r}')
+    elif text is not None:
+        mode = int(text, 8)
+        if mode > 0o777 or mode & 0o002:
+            t.problem("socket_mode", f"{text!r} must not exceed 0777 nor let others write")
+    return ServerConfig(
+        socket=t.path("socket", base_dir) or d.socket,
+        socket_mode=mode,
+        tcp=_listen(t, "tcp", d.tcp, loopback=True),
+        callback=_listen(t, "callback", d.callback),
+        metrics=_listen(t, "metrics", d.metrics),
+    )
+
+
+def _parse_store(t: _Table, base_dir: Path) -> StoreConfig:
+    d = StoreConfig()
+    url = t.nonempty("url") or d.url
+    if url.startswith("sqlite:///") and url != "sqlite:///":
+        url = f"sqlite:///{base_dir / url.removeprefix('sqlite:///')}"
+    elif url.startswith(("postgresql://", "postgresql+asyncpg://")) and url.partition("://")[2]:
+        url = "postgresql://" + url.partition("://")[2]
+    else:
+        t.problem("url", "expected sqlite:///PATH, postgresql://... or postgresql+asyncpg://...")
+    return StoreConfig(url=url, key_file=t.path("key_file", base_dir) or d.key_file)
+
+
+def _parse_refresh(t: _Table) -> RefreshConfig:
+    d = RefreshConfig()
+    fraction = t.number("lifetime_fraction", d.lifetime_fraction)
+    jitter = t.number("jitter", d.jitter)
+    concurrency = t.integer("max_concurrency")
+    if not 0 < fraction < 1:
+        t.problem("lifetime_fraction", f"must be greater than 0 and less than 1, got {fraction}")
+    if not 0 <= jitter < 0.5:
+        t.problem("jitter", f"must be at least 0 and less than 0.5, got {jitter}")
+    if concurrency is not None and not 1 <= concurrency <= 1000:
+        t.problem("max_concurrency", f"must be from 1 to 1000, got {concurrency}")
+    return RefreshConfig(
+        lifetime_fraction=fraction,
+        min_margin=t.duration("min_margin", d.min_margin),
+        jitter=jitter,
+        max_concurrency=d.max_concurrency if concurrency is None else concurrency,
+    )
+
+
+def _parse_provider(name: str, t: _Table, base_dir: Path) -> ProviderConfig:
+    if not PROVIDER_RE.fullmatch(name):
+        t.problems.append(f"{t.prefix}: a provider name must match {PROVIDER_RE.pattern}")
+    urls = {key: t.nonempty(key) for key in _URL_KEYS}
+    for key, url in urls.items():
+        if url is not None:
+            _check_url(t, key, url)
+    for key in ("authorization_endpoint", "token_endpoint"):
+        if urls["issuer"] is None and urls[key] is None and key not in t.data:
+            t.problem(key, 'required when there is no "issuer" (set "issuer" for OIDC discovery)')
+    redirect_uri = t.nonempty("redirect_uri", required=True) or ""
+    if redirect_uri:
+        _check_url(t, "redirect_uri", redirect_uri)
+    scopes = t.strings("scopes")
+    scopes = ("openid",) if scopes is None else scopes
+    for i, scope in enumerate(scopes):
+        if not scope or any(c.isspace() for c in scope) or scope in scopes[:i]:
+            t.problem(f"scopes[{i}]", f"{scope!r} must be non-empty, without whitespace, unique")
+    secret_file = t.path("client_secret_file", base_dir)
+    return ProviderConfig(
+        name=name,
+        issuer=urls["issuer"],
+        authorization_endpoint=urls["authorization_endpoint"],
+        token_endpoint=urls["token_endpoint"],
+        revocation_endpoint=urls["revocation_endpoint"],
+        jwks_uri=urls["jwks_uri"],
+        userinfo_endpoint=urls["userinfo_endpoint"],
+        client_id=t.nonempty("client_id", required=True) or "",
+        client_secret_file=secret_file,
+        client_auth=_client_auth(t, secret_file),
+        scopes=scopes,
+        redirect_uri=redirect_uri,
+        access_token_from=_token_source(t, scopes),
+        refresh_grace=t.duration("refresh_grace", timedelta(0)),
+        rotates_refresh_tokens=t.flag("rotates_refresh_tokens", True),
+    )
+
+
+def _token_source(t: _Table, scopes: tuple[str, ...]) -> AccessTokenSource:
+    text = t.string("access_token_from")
+    kind, _, claim = (text or "").partition(":")
+    if kind == "id_token_claim" and claim:
+        if "openid" not in scopes:
+            t.problem("access_token_from", f'{text!r} needs "openid" in scopes for an ID token')
+        return AccessTokenSource("id_token_claim", claim)
+    if text not in (None, "token_response"):
+        expected = '"token_response" or "id_token_claim:CLAIM"'
+        t.problem("access_token_from", f"expected {expected}, got {text!r}")
+    return AccessTokenSource()
+
+
+def _client_auth(t: _Table, secret_file: Path | None) -> ClientAuth:
+    auth = t.string("client_auth") or ("client_secret_basic" if secret_file else "none")
+    if auth not in _CLIENT_AUTHS:
+        t.problem("client_auth", f"expected one of {', '.join(_CLIENT_AUTHS)}, got {auth!r}")
+    elif auth != "none" and secret_file is None:
+        t.problem("client_auth", f'"{auth}" needs client_secret_file')
+    elif auth == "none" and secret_file is not None:
+        t.problem("client_auth", '"none" sends no secret, yet client_secret_file is set')
+    return cast("ClientAuth", auth)
+
+
+def _parse_clients(
+    root: _Table, providers: Mapping[str, ProviderConfig]
+) -> tuple[ClientConfig, ...]:
+    items = root.array("clients", "an array of tables ([[clients]])")
+    clients: list[ClientConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            root.problem(f"clients[{i}]", f"expected a table, got {_type_name(item)}")
+            continue
+        t = _Table(item, f"clients[{i}]", root.problems, _keys(ClientConfig))
+        name = t.nonempty("name", required=True) or ""
+        if name in seen:
+            t.problem("name", f"duplicate client name {name!r} (also clients[{seen[name]}])")
+        elif name:
+            seen[name] = i
+        user, group, token = (
+            t.nonempty("unix_user"),
+            t.nonempty("unix_group"),
+            t.nonempty("token_sha256"),
+        )
+        uid = t.integer("unix_uid")
+        if uid is not None and uid < 0:
+            t.problem("unix_uid", f"must not be negative, got {uid}")
+        if token is not None and not _SHA256_RE.fullmatch(token):
+            t.problem("token_sha256", "must be 64 lowercase hex characters (sha256 of the token)")
+        if not any(key in item for key in _IDENTITY_KEYS):
+            root.problem(f"clients[{i}]", "needs unix_user, unix_uid, unix_group or token_sha256")
+        grants = t.strings("grants") or ()
+        for j, pattern in enumerate(grants):
+            provider = pattern.partition("/")[0]
+            if pattern.count("/") != 1:
+                t.problem(
+                    f"grants[{j}]", f'{pattern!r} must be "PROVIDER/USER" with exactly one "/"'
+                )
+            elif not _GLOB_CHARS & set(provider) and provider not in providers:
+                t.problem(f"grants[{j}]", f"{pattern!r} names no configured provider")
+        clients.append(ClientConfig(name, user, uid, group, token, grants, t.flag("admin", False)))
+    return tuple(clients)

@@ -1,0 +1,150 @@
+"""The composition root: builds everything from the config and owns the daemon's lifecycle.
+
+Start-up order matters: the keyring is loaded and checked against the store *before* any
+migration runs, so a wrong key leaves the database untouched; listeners open only after the
+store is migrated and the cache is loaded; READY=1 goes to systemd only once they listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+
+import structlog
+from aiohttp import web
+
+from broker.api.app import build_app, build_metrics_app
+from broker.api.identity import Policy
+from broker.api.sockets import bind_unix
+from broker.config import Config, Listen
+from broker.crypto import Keyring, keyring_path, load_keyring
+from broker.errors import KeyringError
+from broker.grants import GrantService
+from broker.metrics import Metrics
+from broker.store.engine import create_engine
+from broker.store.migrate import upgrade
+from broker.store.repository import GrantRepository
+from broker.systemd import notify
+
+SHUTDOWN_TIMEOUT = 10.0  # seconds in-flight requests get to finish after SIGTERM
+READY_CHECK_TIMEOUT = 2.0
+log = structlog.get_logger("broker.daemon")
+
+
+def utcnow() -> datetime:
+    """The wall clock, in UTC; the one clock the daemon injects everywhere."""
+    return datetime.now(UTC)
+
+
+class Daemon:
+    """One running broker: store, service, listeners."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str], clock: Callable[[], datetime]):
+        self.config = config
+        self.environ = environ
+        self.clock = clock
+        self.stopping = asyncio.Event()
+        self._key_path = keyring_path(config.store.key_file, environ)
+
+    def load_keys(self) -> Keyring:
+        """The keyring from its file (or systemd credential)."""
+        return load_keyring(self._key_path)
+
+    async def readiness(self, repository: GrantRepository) -> list[str]:
+        """Reasons the daemon is not ready; empty when it is."""
+        problems: list[str] = []
+        try:
+            await asyncio.wait_for(repository.ping(), READY_CHECK_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - whatever the store raises makes us unready
+            problems.append(f"store: {type(exc).__name__}: the database does not answer")
+        try:
+            if repository.keyring.primary not in self.load_keys().keys:
+                problems.append("keys: the keyring file no longer holds the key in use")
+        except KeyringError as exc:
+            problems.append(f"keys: {exc}")
+        return problems
+
+    @contextlib.asynccontextmanager
+    async def store(self) -> AsyncIterator[GrantRepository]:
+        """The checked, migrated store; disposed on exit."""
+        keyring = self.load_keys()
+        engine = create_engine(self.config.store.url)
+        try:
+            repository = GrantRepository(engine, keyring, reload_keyring=self.load_keys)
+            problems = await repository.verify_keys()
+            if problems:
+                raise KeyringError(
+                    f"the keyring {self._key_path} does not open the store; nothing was changed. "
+                    + "; ".join(problems)
+                )
+            before, after = await upgrade(engine)
+            if before != after:
+                log.info("store_migrated", before=before, after=after)
+            yield repository
+        finally:
+            await engine.dispose()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        async with self.store() as repository, contextlib.AsyncExitStack() as stack:
+            service = GrantService(repository, self.config.providers)
+            count = await service.load()
+            metrics = Metrics(self.config.providers)
+            metrics.watch_grants(lambda: service.gauges(self.clock()))
+            app = build_app(
+                service=service,
+                metrics=metrics,
+                policy=Policy(self.config.clients, os.getuid()),
+                clock=self.clock,
+                readiness=lambda: self.readiness(repository),
+            )
+            listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
+            stack.callback(listener.remove)  # runs after the runner below has drained
+            api = await _start(stack, app)
+            await web.SockSite(api, listener.sock, shutdown_timeout=SHUTDOWN_TIMEOUT).start()
+            if self.config.server.tcp is not None:
+                await _tcp_site(api, self.config.server.tcp).start()
+            if self.config.server.metrics is not None:
+                metrics_runner = await _start(stack, build_metrics_app(metrics))
+                await _tcp_site(metrics_runner, self.config.server.metrics).start()
+            log.info(
+                "serving",
+                socket=str(self.config.server.socket),
+                tcp=_text(self.config.server.tcp),
+                metrics=_text(self.config.server.metrics),
+                grants=count,
+            )
+            notify("READY=1", self.environ)
+            notify(f"STATUS=serving {count} grants", self.environ)
+            await self.stopping.wait()
+            log.info("stopping")
+            notify("STOPPING=1", self.environ)
+        log.info("stopped")
+
+
+async def _start(stack: contextlib.AsyncExitStack, app: web.Application) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
+    return runner
+
+
+def _tcp_site(runner: web.AppRunner, listen: Listen) -> web.TCPSite:
+    return web.TCPSite(runner, listen.host, listen.port, shutdown_timeout=SHUTDOWN_TIMEOUT)
+
+
+def _text(listen: Listen | None) -> str | None:
+    return None if listen is None else str(listen)
+
+
+async def serve(config: Config, environ: Mapping[str, str] | None = None) -> None:
+    """Run the daemon for `config` until it is told to stop."""
+    daemon = Daemon(config, os.environ if environ is None else environ, utcnow)
+    await daemon.run()

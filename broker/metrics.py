@@ -1,0 +1,147 @@
+"""The Prometheus metrics of CONTRACT.md, on a registry owned by one daemon instance.
+
+No label carries a user, a token, or anything unbounded: provider labels are limited to the
+configured providers (anything else is counted as `other`), outcomes to fixed sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import broker
+
+PREFIX = "token_broker_"
+OTHER_PROVIDER = "other"
+TOKEN_OUTCOMES = (
+    "served",
+    "not_found",
+    "forbidden",
+    "reauth_required",
+    "unavailable",
+    "bad_request",
+    "unauthenticated",
+)
+REFRESH_OUTCOMES = ("success", "invalid_grant", "transient_error", "ambiguous")
+RECOVERY_OUTCOMES = ("recovered", "lost")
+# The token path answers from memory in tens of microseconds; the buckets must resolve that.
+TOKEN_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantGauges:
+    """A point-in-time view for the grant gauges."""
+
+    by_state: Mapping[tuple[str, str], int]  # (provider, state) -> count
+    min_ttl: Mapping[str, float]  # provider -> least remaining access-token life, active grants
+
+
+class _GrantCollector(Collector):
+    def __init__(self, source: Callable[[], GrantGauges]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        view = self._source()
+        grants = GaugeMetricFamily(
+            PREFIX + "grants", "Grants by provider and state.", labels=["provider", "state"]
+        )
+        for (provider, state), count in sorted(view.by_state.items()):
+            grants.add_metric([provider, state], count)
+        min_ttl = GaugeMetricFamily(
+            PREFIX + "access_token_min_ttl_seconds",
+            "The least remaining access-token lifetime among active grants.",
+            labels=["provider"],
+        )
+        for provider, ttl in sorted(view.min_ttl.items()):
+            min_ttl.add_metric([provider], ttl)
+        return [grants, min_ttl]
+
+
+class Metrics:
+    """Every broker metric, registered on a private registry."""
+
+    def __init__(self, providers: Iterable[str]) -> None:
+        # `*_created` series double the exposition for no operational use.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._providers = frozenset(providers)
+        r = self.registry
+        self.token_requests = Counter(
+            PREFIX + "token_requests",
+            "Token requests by provider and outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.token_request_duration = Histogram(
+            PREFIX + "token_request_duration_seconds",
+            "Time to answer a token request.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.refresh = Counter(
+            PREFIX + "refresh",
+            "Refreshes at the identity provider by outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            PREFIX + "refresh_duration_seconds",
+            "Time of one refresh at the identity provider.",
+            ["provider"],
+            buckets=REFRESH_BUCKETS,
+            registry=r,
+        )
+        self.rotation_recoveries = Counter(
+            PREFIX + "rotation_recoveries",
+            "Refreshes with an unknown outcome, by how they ended.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            PREFIX + "build_info", "The running version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=broker.__version__).set(1)
+        for provider in sorted(self._providers):
+            for outcome in TOKEN_OUTCOMES:
+                self.token_requests.labels(provider=provider, outcome=outcome)
+            for outcome in REFRESH_OUTCOMES:
+                self.refresh.labels(provider=provider, outcome=outcome)
+            for outcome in RECOVERY_OUTCOMES:
+                self.rotation_recoveries.labels(provider=provider, outcome=outcome)
+            self.refresh_duration.labels(provider=provider)
+
+    def provider_label(self, provider: str) -> str:
+        """`provider` when it is configured, else `other`: request paths must not mint labels."""
+        return provider if provider in self._providers else OTHER_PROVIDER
+
+    def count_token_request(self, provider: str, outcome: str, seconds: float) -> None:
+        """Count one answered token request."""
+        self.token_requests.labels(provider=self.provider_label(provider), outcome=outcome).inc()
+        self.token_request_duration.observe(seconds)
+
+    def watch_grants(self, source: Callable[[], GrantGauges]) -> None:
+        """Export the grant gauges, read from `source` at every scrape."""
+        self.registry.register(_GrantCollector(source))

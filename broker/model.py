@@ -1,0 +1,134 @@
+"""The nouns of the broker: secrets, grants and the states a grant moves through."""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+USER_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+PROVIDER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class Secret:
+    """A secret string whose repr and str never show the value.
+
+    The value is reachable only through `reveal()`, so a grep for `reveal(` finds every place
+    a token leaves the wrapper.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret wraps a str")
+        self._value = value
+
+    def reveal(self) -> str:
+        """The plaintext; call only where it is sent to the IdP, sealed, or served."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret is not picklable")
+
+
+class GrantState(enum.StrEnum):
+    """Where a grant stands: refreshable, waiting for a person, or gone."""
+
+    ACTIVE = "active"
+    REAUTH_REQUIRED = "reauth_required"
+    REVOKED = "revoked"
+
+
+def grant_name(provider: str, user: str) -> str:
+    """The `PROVIDER/USER` address of a grant, used in logs and messages."""
+    return f"{provider}/{user}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """The secrets of one grant at one generation; any may be absent."""
+
+    refresh_token: Secret | None = None
+    access_token: Secret | None = None
+    id_token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One user's standing authorization at one provider, as stored."""
+
+    id: str
+    provider: str
+    user: str
+    state: GrantState
+    generation: int
+    tokens: TokenSet
+    sub: str | None = None
+    scopes: tuple[str, ...] = ()
+    token_type: str = "Bearer"
+    access_expires_at: datetime | None = None
+    next_refresh_at: datetime | None = None
+    last_error: str | None = None
+    key_id: str | None = None
+    claims: dict[str, object] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        """`PROVIDER/USER`."""
+        return grant_name(self.provider, self.user)
+
+    def access_ttl(self, now: datetime) -> float:
+        """Seconds the access token still lives at `now`; 0 when absent or expired."""
+        if self.tokens.access_token is None or self.access_expires_at is None:
+            return 0.0
+        return max(0.0, (self.access_expires_at - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class GrantSummary:
+    """What admins see of a grant: every field but the secrets."""
+
+    provider: str
+    user: str
+    sub: str | None
+    state: GrantState
+    scopes: tuple[str, ...]
+    access_expires_at: datetime | None
+    next_refresh_at: datetime | None
+    generation: int
+    last_error: str | None
+    has_refresh_token: bool
+
+    @classmethod
+    def of(cls, grant: Grant) -> GrantSummary:
+        """The summary of a stored grant."""
+        return cls(
+            provider=grant.provider,
+            user=grant.user,
+            sub=grant.sub,
+            state=grant.state,
+            scopes=grant.scopes,
+            access_expires_at=grant.access_expires_at,
+            next_refresh_at=grant.next_refresh_at,
+            generation=grant.generation,
+            last_error=grant.last_error,
+            has_refresh_token=grant.tokens.refresh_token is not None,
+        )

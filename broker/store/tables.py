@@ -1,0 +1,83 @@
+"""The schema, in SQLAlchemy Core; Alembic migrations must produce exactly this."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        # SQLite keeps text; dropping the zone keeps its ordering lexicographic and uniform.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Columns holding AES-GCM envelopes; their associated data binds (table, row id, column).
+GRANT_SEALED_COLUMNS = ("refresh_token", "access_token", "id_token", "claims")
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("provider", String(64), nullable=False),
+    Column("user_name", String(128), nullable=False),
+    Column("sub", String(255), nullable=True),
+    Column("state", String(32), nullable=False),
+    Column("scopes", Text, nullable=False, server_default=""),
+    Column("token_type", String(32), nullable=False, server_default="Bearer"),
+    Column("refresh_token", LargeBinary, nullable=True),
+    Column("access_token", LargeBinary, nullable=True),
+    Column("id_token", LargeBinary, nullable=True),
+    Column("claims", LargeBinary, nullable=True),
+    Column("key_id", String(64), nullable=True),
+    Column("access_expires_at", UTCDateTime, nullable=True),
+    Column("next_refresh_at", UTCDateTime, nullable=True),
+    Column("generation", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("provider", "user_name"),
+    Index(None, "next_refresh_at"),
+    Index(None, "key_id"),
+)
