@@ -1,0 +1,47 @@
+# One runner for everything the README names. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help run test lint typecheck imports pytest bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+var/config.toml: examples/local.toml
+	mkdir -p var
+	cp examples/local.toml $@
+
+var/keys: | $(STAMP) var/config.toml
+	$(BIN)/token-broker -c var/config.toml keys generate
+
+run: $(STAMP) var/config.toml var/keys  ## run the daemon on the embedded defaults in ./var
+	$(BIN)/token-broker -c var/config.toml serve
+
+test: lint typecheck imports pytest  ## the whole suite: ruff, mypy --strict, import layers, pytest
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)  ## mypy --strict
+	$(BIN)/mypy
+
+imports: $(STAMP)  ## the layering contracts of pyproject.toml
+	$(BIN)/lint-imports
+
+pytest: $(STAMP)  ## the tests (starts its own PostgreSQL when the server binaries exist)
+	$(BIN)/pytest
+
+bench: $(STAMP)  ## token-path benchmark against a bare aiohttp handler
+	$(BIN)/python -m bench.token_path
+
+clean:  ## remove the virtualenv and ./var
+	rm -rf $(VENV) var

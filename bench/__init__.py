@@ -1,0 +1,1 @@
+"""Benchmarks: numbers to report, not pass/fail tests."""
