@@ -160,9 +160,11 @@ def main() -> None:
         name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for name, rs in runs.items()
     }
-    print(f"token path: {args.requests} GETs, {args.concurrency} in flight, "
-          f"{args.grants} grants, {os.cpu_count()} cores, one Python client, "
-          f"median of {args.rounds} alternating rounds")
+    print(
+        f"token path: {args.requests} GETs, {args.concurrency} in flight, "
+        f"{args.grants} grants, {os.cpu_count()} cores, one Python client, "
+        f"median of {args.rounds} alternating rounds"
+    )
     print(f"{'server':14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in results.items():
         print(f"{name:14} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")

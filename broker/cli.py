@@ -438,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add another key even when an earlier rotation is unfinished",
     )
     p.set_defaults(handler=cmd_keys_rotate)
-    p = keys.add_parser("status", parents=[key_file], help="which key seals how many grants")
+    p = keys.add_parser(
+        "status",
+        parents=[key_file],
+        help="which key seals how many grants",
+        description="Show which key seals how many grants.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_keys_status)
 
@@ -471,9 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     grants = sub.add_parser("grants", help="admin views of grants").add_subparsers(
         dest="grants_command", required=True, metavar="COMMAND"
     )
-    p = grants.add_parser("list", parents=[client], help="list grants")
+    p = grants.add_parser(
+        "list", parents=[client], help="list grants", description="List grants, without secrets."
+    )
     p.set_defaults(handler=cmd_grants_list)
-    p = grants.add_parser("show", parents=[client], help="show one grant")
+    p = grants.add_parser(
+        "show",
+        parents=[client],
+        help="show one grant",
+        description="Show one grant, without secrets.",
+    )
     p.add_argument("provider")
     p.add_argument("user")
     p.set_defaults(handler=cmd_grants_show)

@@ -49,7 +49,10 @@ def envelope_key_id(envelope: bytes) -> str:
     end = 2 + envelope[1]
     if len(envelope) < end + NONCE_BYTES + 16:
         raise DecryptError("sealed value is truncated")
-    return envelope[2:end].decode("ascii")
+    try:
+        return envelope[2:end].decode("ascii")
+    except UnicodeDecodeError:  # a tampered header must fail like any other tampering
+        raise DecryptError("sealed value has a malformed key id") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,10 @@ def parse_keyring(raw: bytes, *, source: str) -> Keyring:
             keys[key_id] = base64.urlsafe_b64decode(str(value).encode("ascii"))
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise KeyringError(f"keyring {source}: key {key_id!r} is not base64") from None
-    return Keyring(primary=primary, keys=keys)
+    try:
+        return Keyring(primary=primary, keys=keys)
+    except KeyringError as exc:
+        raise KeyringError(f"keyring {source}: {exc}") from None
 
 
 def dump_keyring(keyring: Keyring) -> bytes:

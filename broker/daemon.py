@@ -12,20 +12,27 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
 from aiohttp import web
 
 from broker.api.app import build_app, build_metrics_app
+from broker.api.callback import build_callback_app
 from broker.api.identity import Policy
 from broker.api.sockets import bind_unix
-from broker.config import Config, Listen
+from broker.config import Config, Listen, ProviderConfig
 from broker.crypto import Keyring, keyring_path, load_keyring
 from broker.errors import KeyringError
 from broker.grants import GrantService
+from broker.idp.client import ProviderClient, read_client_secret
+from broker.idp.http import new_session
+from broker.login import LoginService
 from broker.metrics import Metrics
+from broker.model import Secret
 from broker.store.engine import create_engine
+from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository
 from broker.systemd import notify
@@ -69,7 +76,7 @@ class Daemon:
         return problems
 
     @contextlib.asynccontextmanager
-    async def store(self) -> AsyncIterator[GrantRepository]:
+    async def store(self) -> AsyncIterator[Store]:
         """The checked, migrated store; disposed on exit."""
         keyring = self.load_keys()
         engine = create_engine(self.config.store.url)
@@ -84,7 +91,7 @@ class Daemon:
             before, after = await upgrade(engine)
             if before != after:
                 log.info("store_migrated", before=before, after=after)
-            yield repository
+            yield Store(grants=repository, logins=LoginRepository(engine, repository.sealer))
         finally:
             await engine.dispose()
 
@@ -93,17 +100,24 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        async with self.store() as repository, contextlib.AsyncExitStack() as stack:
-            service = GrantService(repository, self.config.providers)
+        async with self.store() as store, contextlib.AsyncExitStack() as stack:
+            session = await stack.enter_async_context(new_session())
+            clients = {
+                name: ProviderClient(provider, session, _client_secret(provider))
+                for name, provider in self.config.providers.items()
+            }
+            service = GrantService(store.grants, self.config.providers, clients)
+            logins = LoginService(store.logins, service, clients)
             count = await service.load()
             metrics = Metrics(self.config.providers)
             metrics.watch_grants(lambda: service.gauges(self.clock()))
             app = build_app(
                 service=service,
+                logins=logins,
                 metrics=metrics,
                 policy=Policy(self.config.clients, os.getuid()),
                 clock=self.clock,
-                readiness=lambda: self.readiness(repository),
+                readiness=lambda: self.readiness(store.grants),
             )
             listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
             stack.callback(listener.remove)  # runs after the runner below has drained
@@ -114,11 +128,17 @@ class Daemon:
             if self.config.server.metrics is not None:
                 metrics_runner = await _start(stack, build_metrics_app(metrics))
                 await _tcp_site(metrics_runner, self.config.server.metrics).start()
+            callback = self.config.server.callback
+            if callback is not None and self.config.providers:
+                redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
+                callback_app = build_callback_app(logins, self.clock, redirect_uris)
+                await _tcp_site(await _start(stack, callback_app), callback).start()
             log.info(
                 "serving",
                 socket=str(self.config.server.socket),
                 tcp=_text(self.config.server.tcp),
                 metrics=_text(self.config.server.metrics),
+                callback=_text(callback),
                 grants=count,
             )
             notify("READY=1", self.environ)
@@ -134,6 +154,20 @@ async def _start(stack: contextlib.AsyncExitStack, app: web.Application) -> web.
     await runner.setup()
     stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
     return runner
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """The repositories over one migrated store."""
+
+    grants: GrantRepository
+    logins: LoginRepository
+
+
+def _client_secret(provider: ProviderConfig) -> Secret | None:
+    if provider.client_secret_file is None:
+        return None
+    return read_client_secret(provider.client_secret_file)
 
 
 def _tcp_site(runner: web.AppRunner, listen: Listen) -> web.TCPSite:

@@ -7,6 +7,12 @@
     ├── StartupError                 the daemon cannot start (a listener is taken, a path is wrong)
     ├── StoreError                   the database cannot be reached or is in an unexpected shape
     │   └── ConflictError            a compare-and-swap lost: someone else changed the row first
+    ├── IdpError                     a call to the identity provider failed; `outcome` names how
+    │   ├── IdpRejected              it answered with an OAuth error (`terminal`: the grant is over)
+    │   ├── IdpUnreachable           the request never left: refused, DNS, TLS   retryable=True
+    │   ├── IdpAmbiguous             it may have been processed: read timeout, reset, 5xx, bad 200
+    │   └── IdTokenInvalid           the ID token failed a check; the message names which
+    ├── LoginError                   a login cannot start or complete; the message says why
     └── GrantError                   a request about one grant cannot be satisfied
         ├── BadRequest               the caller's input is malformed
         ├── Forbidden                the caller may not do this
@@ -56,6 +62,66 @@ class ConflictError(StoreError):
     """A compare-and-swap on a grant's generation lost."""
 
     retryable = True
+
+
+class IdpError(BrokerError):
+    """A call to the identity provider failed.
+
+    `outcome` is the refresh outcome it stands for (`invalid_grant`, `transient_error`,
+    `ambiguous`); `retry_after` is the IdP's Retry-After in seconds, when it sent one.
+    """
+
+    outcome = "transient_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IdpRejected(IdpError):
+    """The IdP answered with an OAuth error; it did not issue tokens."""
+
+    TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+
+    def __init__(
+        self, error: str, description: str | None, status: int, retry_after: float | None = None
+    ) -> None:
+        detail = f": {description}" if description else ""
+        super().__init__(f"the IdP refused ({status} {error}){detail}", retry_after=retry_after)
+        self.error = error
+        self.description = description
+        self.status = status
+
+    @property
+    def terminal(self) -> bool:
+        """Whether this error ends the grant (a person must log in again)."""
+        return self.error in self.TERMINAL_ERRORS
+
+    @property
+    def outcome(self) -> str:  # type: ignore[override]
+        return "invalid_grant" if self.terminal else "transient_error"
+
+
+class IdpUnreachable(IdpError):
+    """The request never reached the IdP; retrying cannot have side effects."""
+
+    retryable = True
+
+
+class IdpAmbiguous(IdpError):
+    """The request may have reached the IdP: it may have rotated the refresh token."""
+
+    outcome = "ambiguous"
+
+
+class IdTokenInvalid(IdpError):
+    """The ID token failed validation; the message names the check."""
+
+    outcome = "invalid_grant"
+
+
+class LoginError(BrokerError):
+    """A login cannot start or complete."""
 
 
 class GrantError(BrokerError):

@@ -10,10 +10,12 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
-from broker.errors import BadRequest, GrantNotFound, ReauthRequired, TokenUnavailable
+from broker.errors import BadRequest, GrantNotFound, IdpError, ReauthRequired, TokenUnavailable
+from broker.idp.client import ProviderClient
 from broker.metrics import GrantGauges
 from broker.model import (
     PROVIDER_RE,
@@ -44,14 +46,33 @@ class Import:
     force: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """A completed login, ready to become (or replace) a grant."""
+
+    provider: str
+    user: str
+    sub: str | None
+    tokens: TokenSet
+    token_type: str
+    scopes: tuple[str, ...]
+    access_expires_at: datetime
+    claims: dict[str, Any]
+    force: bool
+
+
 class GrantService:
     """Grants as callers and admins see them."""
 
     def __init__(
-        self, repository: GrantRepository, providers: Mapping[str, ProviderConfig]
+        self,
+        repository: GrantRepository,
+        providers: Mapping[str, ProviderConfig],
+        clients: Mapping[str, ProviderClient] | None = None,
     ) -> None:
         self._repository = repository
         self._providers = providers
+        self._clients = clients or {}
         self._cache = GrantCache()
 
     async def load(self) -> int:
@@ -92,7 +113,7 @@ class GrantService:
 
     async def import_grant(self, request: Import, now: datetime) -> tuple[GrantSummary, bool]:
         """Store an imported grant; returns its summary and whether it is new."""
-        provider = self._check_address(request.provider, request.user)
+        provider = self.check_address(request.provider, request.user)
         if request.access_token is not None and request.expires_in is None:
             raise BadRequest("expires_in is required with access_token")
         expires_at = (
@@ -146,7 +167,79 @@ class GrantService:
                 min_ttl[grant.provider] = min(ttl, min_ttl.get(grant.provider, ttl))
         return GrantGauges(by_state=dict(by_state), min_ttl=min_ttl)
 
-    def _check_address(self, provider: str, user: str) -> ProviderConfig:
+    async def store_login(self, result: LoginResult, now: datetime) -> GrantSummary:
+        """Store a completed login; a grant held by another `sub` is replaced only with force."""
+        self.check_address(result.provider, result.user)
+        existing = await self._repository.get(result.provider, result.user)
+        if existing is None:
+            fresh = Grant(
+                id="",
+                provider=result.provider,
+                user=result.user,
+                state=GrantState.ACTIVE,
+                generation=0,
+                tokens=result.tokens,
+                sub=result.sub,
+                scopes=result.scopes,
+                token_type=result.token_type,
+                access_expires_at=result.access_expires_at,
+                claims=result.claims,
+            )
+            grant = await self._repository.insert(fresh, now)
+        else:
+            if existing.sub is not None and existing.sub != result.sub and not result.force:
+                raise BadRequest(
+                    f"grant {existing.name} belongs to another account at the provider "
+                    "(a different sub); log in with force to replace it"
+                )
+            updated = replace(
+                existing,
+                state=GrantState.ACTIVE,
+                tokens=result.tokens,
+                sub=result.sub,
+                scopes=result.scopes,
+                token_type=result.token_type,
+                claims=result.claims,
+                access_expires_at=result.access_expires_at,
+                next_refresh_at=None,
+                last_error=None,
+            )
+            grant = await self._repository.replace_tokens(updated, existing.generation, now)
+        self._cache.put(grant)
+        return GrantSummary.of(grant)
+
+    async def revoke(self, provider: str, user: str) -> bool:
+        """Revoke at the IdP when it can, then delete; True when the IdP confirmed.
+
+        When the IdP cannot be reached the grant is kept (TokenUnavailable), so the operator
+        can try again instead of leaving a live refresh token behind.
+        """
+        grant = await self._repository.get(provider, user)
+        if grant is None:
+            raise GrantNotFound(f"no grant {grant_name(provider, user)}")
+        client = self._clients.get(provider)
+        tokens = grant.tokens
+        token, hint = (
+            (tokens.refresh_token, "refresh_token")
+            if tokens.refresh_token is not None
+            else (tokens.access_token, "access_token")
+        )
+        revoked = False
+        if client is not None and token is not None:
+            try:
+                revoked = await client.revoke(token, hint)
+            except IdpError as exc:
+                raise TokenUnavailable(
+                    f"could not revoke {grant.name} at the provider ({exc}); "
+                    "the grant is kept: try again",
+                    RETRY_AFTER_SECONDS,
+                ) from None
+        await self._repository.delete(grant.id)
+        self._cache.drop(provider, user)
+        return revoked
+
+    def check_address(self, provider: str, user: str) -> ProviderConfig:
+        """The provider's config, or BadRequest for an unknown provider or a bad user label."""
         if not PROVIDER_RE.fullmatch(provider) or provider not in self._providers:
             known = ", ".join(sorted(self._providers)) or "none"
             raise BadRequest(f"unknown provider {provider!r}; configured providers: {known}")

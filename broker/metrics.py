@@ -85,7 +85,7 @@ class Metrics:
 
     def __init__(self, providers: Iterable[str]) -> None:
         # `*_created` series double the exposition for no operational use.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = CollectorRegistry(auto_describe=True)
         self._providers = frozenset(providers)
         r = self.registry

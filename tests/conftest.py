@@ -72,12 +72,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     texts = [("in-process logs", _SESSION_LOG.getvalue())]
     for directory in _LOG_DIRS:
         if directory.is_dir():
-            texts += [(str(p), p.read_text(errors="replace")) for p in directory.rglob("*")
-                      if p.is_file()]
+            texts += [
+                (str(p), p.read_text(errors="replace")) for p in directory.rglob("*") if p.is_file()
+            ]
     leaks = sorted({where for where, text in texts for value in SECRETS if value in text})
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    summary = (f"secret scan: {len(SECRETS)} secrets, {sum(len(t) for _, t in texts)} "
-               f"characters of logs from {len(texts)} sources")
+    summary = (
+        f"secret scan: {len(SECRETS)} secrets, {sum(len(t) for _, t in texts)} "
+        f"characters of logs from {len(texts)} sources"
+    )
     if reporter is not None:
         reporter.write_line(summary)
     if leaks:

@@ -12,11 +12,12 @@ from aiohttp.typedefs import Handler
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from broker.api import handlers
-from broker.api.context import CALLER, CLOCK, METRICS, POLICY, READINESS, SERVICE
+from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, POLICY, READINESS, SERVICE
 from broker.api.identity import ANONYMOUS, Caller, Policy, peer_credentials
 from broker.api.problems import OUTCOMES, problem, problem_for, unauthenticated
 from broker.errors import BrokerError
 from broker.grants import GrantService
+from broker.login import LoginService
 from broker.metrics import Metrics
 
 MAX_BODY_BYTES = 64 * 1024
@@ -66,7 +67,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status, "bad_request"
         )
-        return problem(exc.status, code, exc.reason, exc.text or exc.reason)
+        # RFC 9110 requires Allow on a 405; keep it when the error becomes a problem.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, code, exc.reason, exc.text or exc.reason, allow)
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
         return problem(500, "internal_error", "Internal error", "the broker failed; see its log")
@@ -75,6 +78,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 def build_app(
     *,
     service: GrantService,
+    logins: LoginService,
     metrics: Metrics,
     policy: Policy,
     clock: Callable[[], datetime],
@@ -83,6 +87,7 @@ def build_app(
     """The API application; the same one serves the Unix socket and the TCP listener."""
     app = web.Application(middlewares=[problems, identify], client_max_size=MAX_BODY_BYTES)
     app[SERVICE] = service
+    app[LOGINS] = logins
     app[METRICS] = metrics
     app[POLICY] = policy
     app[CLOCK] = clock
@@ -91,6 +96,9 @@ def build_app(
     app.router.add_get("/v1/grants", handlers.list_grants)
     app.router.add_post("/v1/grants", handlers.import_grant)
     app.router.add_get("/v1/grants/{provider}/{user}", handlers.get_grant)
+    app.router.add_delete("/v1/grants/{provider}/{user}", handlers.revoke_grant)
+    app.router.add_post("/v1/logins", handlers.start_login)
+    app.router.add_get("/v1/logins/{login_id}", handlers.login_status)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))

@@ -9,15 +9,17 @@ from aiohttp import web
 
 from broker.api.identity import Caller, Policy
 from broker.grants import GrantService
+from broker.login import LoginService
 from broker.metrics import Metrics
 
 SERVICE = web.AppKey("service", GrantService)
+LOGINS = web.AppKey("logins", LoginService)
 METRICS = web.AppKey("metrics", Metrics)
 POLICY = web.AppKey("policy", Policy)
 Clock = Callable[[], datetime]
 Readiness = Callable[[], Awaitable[list[str]]]
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
-CALLER = "broker.caller"  # request key: the identified Caller
+CALLER = web.RequestKey("caller", Caller)
 
-__all__ = ["CALLER", "CLOCK", "METRICS", "POLICY", "READINESS", "SERVICE", "Caller"]
+__all__ = ["CALLER", "CLOCK", "LOGINS", "METRICS", "POLICY", "READINESS", "SERVICE", "Caller"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.context import CALLER, CLOCK, METRICS, READINESS, SERVICE
+from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, READINESS, SERVICE
 from broker.api.problems import OUTCOMES, classify, problem_for
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.grants import Import
@@ -82,7 +82,9 @@ def _min_ttl(request: web.Request) -> int | None:
     raw = request.query.get("min_ttl")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > MAX_MIN_TTL:
+    # isdigit() alone also accepts "²" and other non-ASCII digits, which int() refuses, and
+    # int() refuses strings past 4300 digits: both must be a 400, not a 500.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or int(raw) > MAX_MIN_TTL:
         raise BadRequest(f"min_ttl must be a whole number of seconds from 0 to {MAX_MIN_TTL}")
     return int(raw)
 
@@ -162,6 +164,58 @@ async def import_grant(request: web.Request) -> web.Response:
         request.app[CLOCK](),
     )
     return _json(summary_json(summary), status=201 if created else 200)
+
+
+async def revoke_grant(request: web.Request) -> web.Response:
+    """DELETE /v1/grants/{provider}/{user}: revoke at the IdP where possible, then delete."""
+    _require_admin(request)
+    provider, user = request.match_info["provider"], request.match_info["user"]
+    revoked = await request.app[SERVICE].revoke(provider, user)
+    return _json(
+        {"provider": provider, "user": user, "state": "revoked", "revoked_at_provider": revoked}
+    )
+
+
+_LOGIN_FIELDS = {"provider", "user", "force"}
+
+
+async def start_login(request: web.Request) -> web.Response:
+    """POST /v1/logins: a pending login and the URL to send the user to."""
+    _require_admin(request)
+    body = await _json_object(request)
+    unknown = sorted(set(body) - _LOGIN_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise BadRequest("force must be true or false")
+    started = await request.app[LOGINS].start(
+        _string(body, "provider"), _string(body, "user"), force, request.app[CLOCK]()
+    )
+    return _json(
+        {
+            "login_id": started.login_id,
+            "authorize_url": started.authorize_url,
+            "expires_at": rfc3339(started.expires_at),
+        },
+        status=201,
+        headers=NO_STORE,
+    )
+
+
+async def login_status(request: web.Request) -> web.Response:
+    """GET /v1/logins/{login_id}: pending, complete or failed (with the reason)."""
+    _require_admin(request)
+    record = await request.app[LOGINS].status(request.match_info["login_id"], request.app[CLOCK]())
+    body: dict[str, Any] = {
+        "state": record.status,
+        "provider": record.provider,
+        "user": record.user,
+        "expires_at": rfc3339(record.expires_at),
+    }
+    if record.error is not None:
+        body["error"] = record.error
+    return _json(body)
 
 
 async def healthz(_request: web.Request) -> web.Response:

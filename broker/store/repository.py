@@ -21,6 +21,7 @@ from broker.crypto import Keyring
 from broker.errors import ConflictError, DecryptError
 from broker.model import Grant, GrantState, Secret, TokenSet
 from broker.store.engine import writer
+from broker.store.sealing import Sealer
 from broker.store.tables import GRANT_SEALED_COLUMNS, grants
 
 _TOKEN_COLUMNS = ("refresh_token", "access_token", "id_token")
@@ -45,8 +46,16 @@ class GrantRepository:
     ) -> None:
         self._engine = engine
         self._writer = writer(engine)
-        self.keyring = keyring
-        self._reload_keyring = reload_keyring
+        self.sealer = Sealer(keyring, reload_keyring)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keyring in use (re-read when a sealed value names a key it lacks)."""
+        return self.sealer.keyring
+
+    @keyring.setter
+    def keyring(self, keyring: Keyring) -> None:
+        self.sealer.keyring = keyring
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -193,7 +202,7 @@ class GrantRepository:
         def seal(column: str, value: str | None) -> bytes | None:
             if value is None:
                 return None
-            return self.keyring.seal(value, table="grants", row_id=grant.id, column=column)
+            return self.sealer.seal(value, table="grants", row_id=grant.id, column=column)
 
         tokens = grant.tokens
         values: dict[str, Any] = {
@@ -210,26 +219,13 @@ class GrantRepository:
         return values
 
     def _open(self, row: Row[Any]) -> Grant:
-        try:
-            return self._open_with_current(row)
-        except DecryptError:
-            # `keys rotate` may have added a key since we loaded the keyring: re-read it once.
-            if self._reload_keyring is None:
-                raise
-            fresh = self._reload_keyring()
-            if set(fresh.keys) == set(self.keyring.keys):
-                raise
-            self.keyring = fresh
-            return self._open_with_current(row)
-
-    def _open_with_current(self, row: Row[Any]) -> Grant:
         m = row._mapping
 
         def open_(column: str) -> str | None:
             envelope = m[column]
             if envelope is None:
                 return None
-            return self.keyring.open(envelope, table="grants", row_id=m["id"], column=column)
+            return self.sealer.open(envelope, table="grants", row_id=m["id"], column=column)
 
         def secret(column: str) -> Secret | None:
             value = open_(column)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql.expression import false
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -80,4 +82,25 @@ grants = Table(
     UniqueConstraint("provider", "user_name"),
     Index(None, "next_refresh_at"),
     Index(None, "key_id"),
+)
+
+# Logins in progress. The state is kept only as its SHA-256; nonce and PKCE verifier are sealed
+# and erased once the login finishes.
+logins = Table(
+    "logins",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("provider", String(64), nullable=False),
+    Column("user_name", String(128), nullable=False),
+    Column("state_hash", String(64), nullable=False, unique=True),
+    Column("nonce", LargeBinary, nullable=True),
+    Column("code_verifier", LargeBinary, nullable=True),
+    Column("key_id", String(64), nullable=True),
+    Column("force", Boolean, nullable=False, server_default=false()),
+    Column("status", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index(None, "expires_at"),
 )

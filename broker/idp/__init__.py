@@ -1,0 +1,1 @@
+"""Talking to identity providers: discovery, authorize URLs, token calls, ID token checks."""

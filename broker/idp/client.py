@@ -1,0 +1,209 @@
+"""One provider: its metadata, keys and the calls the broker makes to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from broker.config import ProviderConfig
+from broker.errors import IdpError, IdTokenInvalid, StartupError
+from broker.idp.http import send
+from broker.idp.idtoken import unverified_kid, validate_id_token
+from broker.idp.metadata import ProviderMetadata, discover
+from broker.idp.tokens import TokenResponse, error_for, parse_token_response
+from broker.model import Secret
+
+METADATA_TTL_SECONDS = 3600.0
+JWKS_REFETCH_INTERVAL = 30.0  # an unknown kid refetches at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class Pkce:
+    """A PKCE verifier and its S256 challenge."""
+
+    verifier: str
+    challenge: str
+
+    @classmethod
+    def new(cls) -> Pkce:
+        """A fresh verifier of 64 URL-safe characters (RFC 7636 allows 43 to 128)."""
+        verifier = secrets.token_urlsafe(48)
+        return cls(verifier=verifier, challenge=create_s256_code_challenge(verifier))
+
+
+def read_client_secret(path: Path) -> Secret:
+    """The client secret from its file, stripped of surrounding whitespace."""
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise StartupError(f"cannot read client secret file {path}: {exc.strerror}") from None
+    if not value:
+        raise StartupError(f"client secret file {path} is empty")
+    return Secret(value)
+
+
+class ProviderClient:
+    """Discovery, keys, authorize URLs, code exchange, refresh and revocation for one provider."""
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        session: aiohttp.ClientSession,
+        client_secret: Secret | None = None,
+    ) -> None:
+        self.config = config
+        self._session = session
+        self._secret = client_secret
+        self._metadata: ProviderMetadata | None = None
+        self._metadata_at = 0.0
+        self._metadata_lock = asyncio.Lock()
+        self._keys: KeySet | None = None
+        self._keys_at = 0.0
+        self._keys_lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        """The provider's key in the config."""
+        return self.config.name
+
+    async def metadata(self) -> ProviderMetadata:
+        """Endpoints from discovery and the config, cached for an hour."""
+        async with self._metadata_lock:
+            fresh = time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS
+            if self._metadata is None or not fresh:
+                self._metadata = await discover(self._session, self.config)
+                self._metadata_at = time.monotonic()
+            return self._metadata
+
+    def authorize_url(
+        self, metadata: ProviderMetadata, *, state: str, nonce: str | None, pkce: Pkce
+    ) -> str:
+        """Where to send the user: code flow, S256 PKCE, state, and a nonce when OIDC."""
+        params = {
+            "response_type": "code",
+            "client_id": self.config.client_id,
+            "redirect_uri": self.config.redirect_uri,
+            "scope": " ".join(self.config.scopes),
+            "state": state,
+            "code_challenge": pkce.challenge,
+            "code_challenge_method": "S256",
+        }
+        if nonce is not None:
+            params["nonce"] = nonce
+        endpoint = metadata.authorization_endpoint
+        return endpoint + ("&" if "?" in endpoint else "?") + urlencode(params)
+
+    @property
+    def wants_id_token(self) -> bool:
+        """Whether logins ask for OpenID Connect (and so for a nonce and an ID token)."""
+        return "openid" in self.config.scopes
+
+    async def exchange_code(self, code: str, verifier: str) -> TokenResponse:
+        """Trade an authorization code and the PKCE verifier for tokens."""
+        return await self._token_call(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.config.redirect_uri,
+                "code_verifier": verifier,
+            }
+        )
+
+    async def refresh(self, refresh_token: Secret) -> TokenResponse:
+        """Spend a refresh token. No `scope` is sent: some providers reject it on refresh."""
+        return await self._token_call(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+        )
+
+    async def revoke(self, token: Secret, hint: str = "refresh_token") -> bool:
+        """Revoke at the IdP (RFC 7009); False when it has no revocation endpoint."""
+        metadata = await self.metadata()
+        if metadata.revocation_endpoint is None:
+            return False
+        url, headers, body = self._authenticate(
+            metadata.revocation_endpoint, {"token": token.reveal(), "token_type_hint": hint}
+        )
+        response = await send(self._session, "POST", url, data=body, headers=headers)
+        if response.status != 200:
+            raise error_for(response)
+        return True
+
+    async def check_id_token(
+        self,
+        id_token: Secret,
+        *,
+        nonce: str | None,
+        now: datetime,
+        access_token: Secret | None = None,
+    ) -> dict[str, Any]:
+        """The validated claims of an ID token from this provider."""
+        metadata = await self.metadata()
+        if metadata.jwks_uri is None:
+            raise IdTokenInvalid(f"provider {self.name} has no jwks_uri to check ID tokens with")
+        kid = unverified_kid(id_token)
+        keys = await self._key_set(metadata.jwks_uri, kid)
+        return validate_id_token(
+            id_token,
+            keys,
+            issuer=metadata.issuer,
+            client_id=self.config.client_id,
+            nonce=nonce,
+            algorithms=metadata.id_token_algorithms,
+            now=now,
+            access_token=access_token,
+        )
+
+    async def _key_set(self, jwks_uri: str, kid: str | None) -> KeySet:
+        async with self._keys_lock:
+            known = self._keys is not None and (kid is None or _has_kid(self._keys, kid))
+            may_refetch = time.monotonic() - self._keys_at >= JWKS_REFETCH_INTERVAL
+            if self._keys is None or (not known and may_refetch):
+                self._keys = await self._fetch_keys(jwks_uri)
+                self._keys_at = time.monotonic()
+            if kid is not None and not _has_kid(self._keys, kid):
+                raise IdTokenInvalid(f"ID token check failed: unknown signing key id {kid!r}")
+            return self._keys
+
+    async def _fetch_keys(self, jwks_uri: str) -> KeySet:
+        response = await send(
+            self._session, "GET", jwks_uri, headers={"Accept": "application/json"}
+        )
+        if response.status != 200:
+            raise IdpError(f"{jwks_uri} answered {response.status}")
+        try:
+            return KeySet.import_key_set(json.loads(response.body))
+        except (ValueError, JoseError, TypeError, KeyError):
+            raise IdpError(f"{jwks_uri} is not a usable JWK set") from None
+
+    async def _token_call(self, form: dict[str, str]) -> TokenResponse:
+        metadata = await self.metadata()
+        url, headers, body = self._authenticate(metadata.token_endpoint, form)
+        response = await send(self._session, "POST", url, data=body, headers=headers)
+        return parse_token_response(response)
+
+    def _authenticate(self, url: str, form: dict[str, str]) -> tuple[str, dict[str, str], str]:
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+        }
+        secret = None if self._secret is None else self._secret.reveal()
+        auth = ClientAuth(self.config.client_id, secret, self.config.client_auth)
+        uri, headers, body = auth.prepare("POST", url, headers, urlencode(form))
+        return str(uri), dict(headers), str(body)
+
+
+def _has_kid(keys: KeySet, kid: str) -> bool:
+    return any(key.kid == kid for key in keys.keys)

@@ -1,0 +1,117 @@
+"""Token endpoint responses: parsed into a TokenResponse, or classified as an IdpError."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import IdpAmbiguous, IdpError, IdpRejected
+from broker.idp.http import HttpResponse
+from broker.model import Secret
+
+MAX_LIFETIME = 10 * 365 * 86_400
+MAX_DESCRIPTION = 300
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """What a token endpoint returned; any token may be absent."""
+
+    access_token: Secret | None
+    token_type: str
+    expires_in: int | None
+    refresh_token: Secret | None
+    id_token: Secret | None
+    scope: tuple[str, ...] | None
+
+
+def parse_token_response(response: HttpResponse) -> TokenResponse:
+    """A 200 parsed, or the error the response stands for."""
+    if response.status != 200:
+        raise error_for(response)
+    # A 200 whose body we cannot use may still mean the IdP rotated the refresh token.
+    data = _json_object(response.body)
+    if data is None:
+        raise IdpAmbiguous("the token endpoint answered 200 with a body that is not a JSON object")
+    access_token = _optional_token(data, "access_token")
+    id_token = _optional_token(data, "id_token")
+    if access_token is None and id_token is None:
+        raise IdpAmbiguous("the token endpoint answered 200 without an access_token or id_token")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not token_type:
+        raise IdpAmbiguous("the token endpoint answered 200 with an invalid token_type")
+    scope = data.get("scope")
+    return TokenResponse(
+        access_token=access_token,
+        token_type="Bearer" if token_type.lower() == "bearer" else token_type,
+        expires_in=parse_expires_in(data.get("expires_in")),
+        refresh_token=_optional_token(data, "refresh_token"),
+        id_token=id_token,
+        scope=tuple(scope.split()) if isinstance(scope, str) else None,
+    )
+
+
+def parse_expires_in(value: object) -> int | None:
+    """expires_in as whole seconds; None when absent; numeric strings are accepted."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise IdpAmbiguous("the token endpoint sent an expires_in that is not a number")
+    seconds = int(value)
+    if not 0 < seconds <= MAX_LIFETIME:
+        raise IdpAmbiguous(f"the token endpoint sent expires_in={seconds}, outside 1..10 years")
+    return seconds
+
+
+def error_for(response: HttpResponse) -> IdpError:
+    """The IdpError a non-200 token response stands for."""
+    retry_after = response.retry_after()
+    data = _json_object(response.body)
+    error = data.get("error") if data else None
+    if response.status in (400, 401) and isinstance(error, str) and error:
+        description = data.get("error_description") if data else None
+        return IdpRejected(
+            _clean(error, 64),
+            _clean(description, MAX_DESCRIPTION) if isinstance(description, str) else None,
+            response.status,
+            retry_after,
+        )
+    if response.status >= 500:
+        # A gateway error or a crash: the IdP may have processed the request before failing.
+        return IdpAmbiguous(
+            f"the token endpoint answered {response.status}", retry_after=retry_after
+        )
+    shape = "JSON" if data is not None else (response.content_type or "an empty body")
+    return IdpError(
+        f"the token endpoint answered {response.status} with {shape} and no OAuth error",
+        retry_after=retry_after,
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _optional_token(data: dict[str, Any], name: str) -> Secret | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+        raise IdpAmbiguous(f"the token endpoint sent a malformed {name}")
+    return Secret(value)
+
+
+def _clean(text: str, limit: int) -> str:
+    """Printable text only, bounded: IdP error strings end up in logs and problem details."""
+    printable = "".join(
+        ch if unicodedata.category(ch)[0] not in "C" else " " for ch in text
+    ).strip()
+    return printable if len(printable) <= limit else printable[: limit - 1] + "…"

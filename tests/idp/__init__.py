@@ -1,0 +1,45 @@
+"""Test identity providers for the whole suite; real servers, not mocks.
+
+- `fixture`: a real django-oauth-toolkit 3.4.1 IdP (the seed-000 provider: public client
+  "broker-test", PKCE S256 required, strict rotation, RS256 ID tokens, issuer
+  http://127.0.0.1:PORT/o) in its own process, per test: `django_idp_factory`.
+- `browser`: `login()` drives its real login and consent forms the way a browser does;
+  `Pkce` and `authorize_url()` build requests the way the broker does.
+- `netid`: netID-style fakes (seed 001) on aiohttp test servers: `netid_factory`.
+
+Test-only endpoints of the Django IdP (loopback only, no auth):
+
+- GET /test/stats: since the process started (a restart resets them): `token_requests` by
+  grant_type (injected faults included), `refresh_ok`, `refresh_failed` by error code,
+  `spent_refresh_presented` (a revoked or rotated refresh token was presented, in grace or
+  not), `in_grace_replays` (of those, accepted again), `reuse_family_revocations` (of those,
+  refused with reuse protection on: DOT revoked the family), `same_pair_returned` (a refresh
+  answered with the already-minted pair: an in-grace replay or two requests racing on one
+  token), `injected_faults`.
+- POST /test/faults: {"token_status": 503, "count": N, "body": "..."} answers the next N
+  token requests with that status before DOT sees them; {"token_delay": 2.5, "count": N}
+  holds the next N answers back after DOT has processed (and committed) them; {"clear": true}.
+- POST /test/settings: {"access_token_lifetime": s, "refresh_grace": s, "reuse_protection": b}.
+- GET /test/users: username -> `sub`.
+
+The fixtures live here, so a test module (or conftest.py) imports the ones it uses.
+"""
+
+from tests.idp.browser import LoginError, LoginResult, Pkce, authorize_url, login
+from tests.idp.fixture import DjangoIdP, DjangoIdPFactory, django_idp_factory, start_django_idp
+from tests.idp.netid import NetIDFactory, NetIDFake, netid_factory
+
+__all__ = [
+    "DjangoIdP",
+    "DjangoIdPFactory",
+    "LoginError",
+    "LoginResult",
+    "NetIDFactory",
+    "NetIDFake",
+    "Pkce",
+    "authorize_url",
+    "django_idp_factory",
+    "login",
+    "netid_factory",
+    "start_django_idp",
+]

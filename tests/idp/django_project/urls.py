@@ -1,0 +1,28 @@
+"""DOT under /o/ (with the counting token view), its RFC 8414 document, login and /test/."""
+
+from __future__ import annotations
+
+from django.contrib.auth.views import LoginView
+from django.urls import URLPattern, URLResolver, include, path
+from oauth2_provider import urls as dot_urls  # type: ignore[import-untyped]
+from oauth2_provider.views import OAuthServerMetadataView  # type: ignore[import-untyped]
+
+from tests.idp.django_project import views
+
+_oauth: list[URLPattern | URLResolver] = [
+    *(p for p in dot_urls.base_urlpatterns if p.name != "token"),
+    path("token/", views.CountingTokenView.as_view(), name="token"),
+    *dot_urls.oidc_urlpatterns,
+    *dot_urls.metadata_urlpatterns,  # /o/.well-known/oauth-authorization-server
+]
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("o/", include((_oauth, "oauth2_provider"))),
+    # RFC 8414's own location for the issuer http://127.0.0.1:PORT/o.
+    path(".well-known/oauth-authorization-server/o", OAuthServerMetadataView.as_view()),
+    path("accounts/login/", LoginView.as_view(), name="login"),
+    path("test/stats", views.stats),
+    path("test/faults", views.faults),
+    path("test/settings", views.runtime_settings),
+    path("test/users", views.users),
+]

@@ -1,0 +1,906 @@
+"""Tests for broker.api: the HTTP contract, served in-process on a real Unix socket.
+
+The app is the one the daemon builds (`build_app`) over a real GrantService and SQLite store;
+requests travel over a Unix socket (identified by SO_PEERCRED: the suite runs as root, so the
+caller is admin) or a loopback TCP listener with bearer tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from prometheus_client.parser import text_string_to_metric_families
+
+import broker
+from broker.api.app import MAX_BODY_BYTES, build_app
+from broker.api.identity import Caller, Policy
+from broker.api.sockets import bind_unix
+from broker.config import ClientConfig, Config, parse_config
+from broker.crypto import Keyring, write_keyring
+from broker.daemon import Daemon
+from broker.errors import ReauthRequired
+from broker.grants import RETRY_AFTER_SECONDS, GrantService
+from broker.login import LoginService
+from broker.metrics import Metrics
+from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.store.engine import create_engine
+from broker.store.logins import LoginRepository
+from broker.store.migrate import upgrade
+from broker.store.repository import GrantRepository
+
+PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
+TOKEN_FIELDS = {
+    "access_token",
+    "token_type",
+    "expires_in",
+    "expires_at",
+    "scope",
+    "provider",
+    "user",
+}
+SUMMARY_FIELDS = {
+    "provider",
+    "user",
+    "sub",
+    "state",
+    "scopes",
+    "access_expires_at",
+    "next_refresh_at",
+    "generation",
+    "last_error",
+}
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+START = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole HTTP response."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    text: str
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """A served API and what it is built from."""
+
+    root: Path
+    config: Config
+    repository: GrantRepository
+    service: GrantService
+    metrics: Metrics
+    clock: Clock
+    session: aiohttp.ClientSession
+    tcp_url: str | None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object | None = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        tcp: bool = False,
+    ) -> Reply:
+        """One request, over the Unix socket or (tcp=True) the loopback TCP listener."""
+        if tcp:
+            assert self.tcp_url is not None
+            async with (
+                aiohttp.ClientSession() as session,
+                session.request(
+                    method, self.tcp_url + path, json=body, data=data, headers=headers
+                ) as response,
+            ):
+                return Reply(response.status, response.headers, await response.text())
+        async with self.session.request(
+            method, "http://broker" + path, json=body, data=data, headers=headers
+        ) as response:
+            return Reply(response.status, response.headers, await response.text())
+
+    async def import_grant(self, **body: object) -> Reply:
+        """POST /v1/grants with `body`."""
+        return await self.call("POST", "/v1/grants", body=body)
+
+    async def metrics_text(self) -> str:
+        """The Prometheus exposition served at /metrics."""
+        reply = await self.call("GET", "/metrics")
+        assert reply.status == 200
+        return reply.text
+
+
+def _config(root: Path, clients: Sequence[Mapping[str, object]] = ()) -> Config:
+    provider = {
+        "client_id": "broker-test",
+        "scopes": ["openid", "profile"],
+    }
+    return parse_config(
+        {
+            "server": {"socket": "api.sock", "callback": "", "metrics": ""},
+            "store": {"url": "sqlite:///broker.db", "key_file": "keys"},
+            "providers": {
+                name: provider
+                | {
+                    "issuer": f"https://idp.example.nl/{name}",
+                    "redirect_uri": f"http://localhost:8000/cb/{name}/",
+                }
+                for name in ("techniek", "netid")
+            },
+            "clients": list(clients),
+        },
+        source="test",
+        base_dir=root,
+    )
+
+
+@contextlib.asynccontextmanager
+async def served_api(
+    root: Path, *, clients: Sequence[Mapping[str, object]] = (), tcp: bool = False
+) -> AsyncIterator[Api]:
+    """The daemon's app over a migrated SQLite store, on a Unix socket (and TCP when asked)."""
+    config = _config(root, clients)
+    keyring = Keyring.generate(START)
+    write_keyring(config.store.key_file, keyring, replace=False)
+    clock = Clock(START)
+    engine = create_engine(config.store.url)
+    await upgrade(engine)
+    repository = GrantRepository(engine, keyring)
+    service = GrantService(repository, config.providers)
+    await service.load()
+    metrics = Metrics(config.providers)
+    metrics.watch_grants(lambda: service.gauges(clock()))
+    daemon = Daemon(config, {}, clock)
+    logins = LoginService(LoginRepository(engine, repository.sealer), service, {})
+    app = build_app(
+        service=service,
+        logins=logins,
+        metrics=metrics,
+        policy=Policy(config.clients, os.getuid()),
+        clock=clock,
+        readiness=lambda: daemon.readiness(repository),
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    listener = bind_unix(config.server.socket, 0o600)
+    try:
+        await web.SockSite(runner, listener.sock).start()
+        tcp_url = None
+        if tcp:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = next(a for a in runner.addresses if isinstance(a, tuple))[:2]
+            tcp_url = f"http://{host}:{port}"
+        connector = aiohttp.UnixConnector(path=str(listener.path))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            yield Api(root, config, repository, service, metrics, clock, session, tcp_url)
+    finally:
+        await runner.cleanup()
+        listener.remove()
+        await engine.dispose()
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    """The API on a Unix socket, with an empty store and a hand-moved clock."""
+    async with served_api(tmp_path) as served:
+        yield served
+
+
+def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """Check that `reply` is a problem+json with this status and code; return its body."""
+    assert reply.status == status, reply.text
+    assert reply.headers["Content-Type"].startswith("application/problem+json")
+    body: dict[str, Any] = reply.json()
+    assert set(body) == PROBLEM_FIELDS
+    assert body["status"] == status
+    assert body["code"] == code
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    return body
+
+
+def _sample(exposition: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+# -- GET /v1/tokens ---------------------------------------------------------------------------
+
+
+async def test_an_imported_access_token_is_served_exactly(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """GET /v1/tokens returns the imported access token with exactly the contract's fields."""
+    access = new_secret("at")
+    created = await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=access,
+        expires_in=3600,
+    )
+    assert created.status == 201, created.text
+    reply = await api.call("GET", "/v1/tokens/techniek/alice")
+    assert reply.status == 200, reply.text
+    assert reply.headers["Cache-Control"] == "no-store"
+    assert reply.headers["Content-Type"].startswith("application/json")
+    body = reply.json()
+    assert set(body) == TOKEN_FIELDS
+    assert body == {
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": 3600,
+        "expires_at": "2030-01-02T04:04:05Z",
+        "scope": "openid profile",
+        "provider": "techniek",
+        "user": "alice",
+    }
+    assert RFC3339_UTC.fullmatch(body["expires_at"])
+
+
+async def test_expires_in_counts_down_with_the_clock(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """expires_in is the token's remaining life at the injected clock, expires_at stays put."""
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=3600,
+        scope="FGO FGOWS",
+    )
+    api.clock.advance(600)
+    body = (await api.call("GET", "/v1/tokens/techniek/alice")).json()
+    assert body["expires_in"] == 3000
+    assert body["expires_at"] == "2030-01-02T04:04:05Z"
+    assert body["scope"] == "FGO FGOWS"
+
+
+async def test_an_unknown_grant_is_a_404_problem(api: Api) -> None:
+    """A token request for a grant that does not exist is 404 grant_not_found, problem+json."""
+    reply = await api.call("GET", "/v1/tokens/techniek/nobody")
+    body = assert_problem(reply, 404, "grant_not_found")
+    assert "techniek/nobody" in body["detail"]
+    assert body["title"]
+    assert body["type"]
+
+
+async def test_an_expired_token_with_a_refresh_token_is_503_with_retry_after(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """Once the access token expired (and nothing refreshed it) the answer is 503 + Retry-After."""
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=60,
+    )
+    api.clock.advance(61)
+    reply = await api.call("GET", "/v1/tokens/techniek/alice")
+    assert_problem(reply, 503, "token_unavailable")
+    assert reply.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
+
+
+async def test_an_import_without_access_token_is_unavailable_until_refreshed(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """A grant imported with only a refresh token has no access token to serve yet: 503."""
+    await api.import_grant(provider="techniek", user="alice", refresh_token=new_secret("rt"))
+    reply = await api.call("GET", "/v1/tokens/techniek/alice")
+    assert_problem(reply, 503, "token_unavailable")
+    assert int(reply.headers["Retry-After"]) > 0
+
+
+async def _insert_without_refresh_token(api: Api, access: str, expires_in: int) -> Grant:
+    grant = Grant(
+        id="",
+        provider="techniek",
+        user="carol",
+        state=GrantState.ACTIVE,
+        generation=0,
+        tokens=TokenSet(access_token=Secret(access)),
+        scopes=("openid",),
+        access_expires_at=api.clock() + timedelta(seconds=expires_in),
+    )
+    stored = await api.repository.insert(grant, api.clock())
+    await api.service.load()
+    return stored
+
+
+async def test_an_expired_grant_without_refresh_token_needs_reauth(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """No refresh token and an expired access token: the service and the API say reauth (409)."""
+    access = new_secret("at")
+    await _insert_without_refresh_token(api, access, expires_in=60)
+    served = api.service.token("techniek", "carol", api.clock())
+    assert served.tokens.access_token == Secret(access)  # still valid: served as usual
+    api.clock.advance(60)
+    with pytest.raises(ReauthRequired, match="no refresh token"):
+        api.service.token("techniek", "carol", api.clock())
+    reply = await api.call("GET", "/v1/tokens/techniek/carol")
+    body = assert_problem(reply, 409, "reauth_required")
+    assert "log in again" in body["detail"]
+
+
+async def test_a_grant_in_reauth_state_needs_reauth_even_with_a_live_token(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """A grant the IdP refused (state reauth_required) is not served even if its token lives."""
+    stored = await _insert_without_refresh_token(api, new_secret("at"), expires_in=3600)
+    await api.repository.replace_tokens(
+        replace(
+            stored,
+            state=GrantState.REAUTH_REQUIRED,
+            tokens=replace(stored.tokens, refresh_token=Secret(new_secret("rt"))),
+            last_error="invalid_grant",
+        ),
+        stored.generation,
+        api.clock(),
+    )
+    await api.service.load()
+    body = assert_problem(
+        await api.call("GET", "/v1/tokens/techniek/carol"), 409, "reauth_required"
+    )
+    assert "invalid_grant" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "min_ttl",
+    ["abc", "-1", "1.5", "", "86401", "1e3", "0x10", "%C2%B2", "9" * 5000],
+    ids=[
+        "text",
+        "negative",
+        "fraction",
+        "empty",
+        "too-large",
+        "exponent",
+        "hex",
+        "superscript",
+        "5000-digits",
+    ],
+)
+async def test_min_ttl_must_be_a_whole_number_in_range(
+    api: Api, new_secret: Callable[[str], str], min_ttl: str
+) -> None:
+    """A min_ttl that is not a whole number of seconds from 0 to 86400 is 400 bad_request."""
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=3600,
+    )
+    reply = await api.call("GET", f"/v1/tokens/techniek/alice?min_ttl={min_ttl}")
+    body = assert_problem(reply, 400, "bad_request")
+    assert "min_ttl" in body["detail"]
+
+
+@pytest.mark.parametrize("min_ttl", ["0", "60", "86400"])
+async def test_a_valid_min_ttl_below_the_tokens_life_is_served(
+    api: Api, new_secret: Callable[[str], str], min_ttl: str
+) -> None:
+    """min_ttl from 0 to 86400 is accepted; a token living longer than that is served as is."""
+    access = new_secret("at")
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=access,
+        expires_in=2 * 86400,
+    )
+    reply = await api.call("GET", f"/v1/tokens/techniek/alice?min_ttl={min_ttl}")
+    assert reply.status == 200, reply.text
+    assert reply.json()["access_token"] == access
+
+
+# -- POST /v1/grants --------------------------------------------------------------------------
+
+
+async def test_import_creates_then_refuses_a_duplicate_then_force_replaces(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """201 on create, 400 on a second import, 200 and a new generation with force."""
+    first = await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=3600,
+    )
+    assert first.status == 201
+    assert first.json()["generation"] == 1
+    duplicate = await api.import_grant(
+        provider="techniek", user="alice", refresh_token=new_secret("rt")
+    )
+    body = assert_problem(duplicate, 400, "bad_request")
+    assert "already exists" in body["detail"]
+    assert "force" in body["detail"]
+    replacement = new_secret("at")
+    forced = await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=replacement,
+        expires_in=1800,
+        force=True,
+    )
+    assert forced.status == 200, forced.text
+    assert forced.json()["generation"] == 2
+    token = (await api.call("GET", "/v1/tokens/techniek/alice")).json()
+    assert token["access_token"] == replacement
+    assert token["expires_in"] == 1800
+
+
+async def test_import_answers_with_the_summary_and_no_secret(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """The 201 body is the grant's summary: the contract's fields and no token value."""
+    refresh, access = new_secret("rt"), new_secret("at")
+    reply = await api.import_grant(
+        provider="netid",
+        user="bob@example.nl",
+        refresh_token=refresh,
+        access_token=access,
+        expires_in=60,
+    )
+    assert reply.status == 201
+    assert refresh not in reply.text
+    assert access not in reply.text
+    body = reply.json()
+    assert set(body) >= SUMMARY_FIELDS
+    assert body["provider"] == "netid"
+    assert body["user"] == "bob@example.nl"
+    assert body["state"] == "active"
+    assert body["scopes"] == ["openid", "profile"]
+    assert body["access_expires_at"] == "2030-01-02T03:05:05Z"
+
+
+_VALID = {"provider": "techniek", "user": "alice", "refresh_token": "placeholder"}
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({**_VALID, "bogus": 1}, "unknown field(s): bogus"),
+        ({"provider": "techniek", "user": "alice"}, "refresh_token is required"),
+        ({**_VALID, "refresh_token": ""}, "refresh_token must be a non-empty string"),
+        ({**_VALID, "refresh_token": 42}, "refresh_token must be a non-empty string"),
+        ({**_VALID, "refresh_token": "two words"}, "refresh_token must not contain whitespace"),
+        ({**_VALID, "refresh_token": "x" * 16_385}, "at most 16384"),
+        ({**_VALID, "access_token": "at", "expires_in": True}, "expires_in must be a whole number"),
+        ({**_VALID, "access_token": "at", "expires_in": -5}, "expires_in must be a whole number"),
+        ({**_VALID, "access_token": "at", "expires_in": 0}, "expires_in must be a whole number"),
+        ({**_VALID, "access_token": "at", "expires_in": 10**12}, "expires_in must be a whole"),
+        ({**_VALID, "access_token": "at", "expires_in": 60.5}, "expires_in must be a whole number"),
+        ({**_VALID, "access_token": "at", "expires_in": "60"}, "expires_in must be a whole number"),
+        ({**_VALID, "access_token": "at"}, "expires_in is required with access_token"),
+        ({**_VALID, "provider": "nope"}, "unknown provider 'nope'"),
+        ({**_VALID, "provider": ""}, "provider is required"),
+        ({key: v for key, v in _VALID.items() if key != "user"}, "user is required"),
+        ({**_VALID, "user": "bad user!"}, "user must match"),
+        ({**_VALID, "user": "a" * 129}, "user must match"),
+        ({**_VALID, "user": "../etc"}, "user must match"),
+        ({**_VALID, "scope": ["openid"]}, "scope must be a space-separated string"),
+        ({**_VALID, "force": "yes"}, "force must be true or false"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+async def test_import_rejects_malformed_bodies_saying_what(
+    api: Api, new_secret: Callable[[str], str], body: dict[str, object], detail: str
+) -> None:
+    """Each malformed import is 400 bad_request whose detail names the problem; nothing stored."""
+    secret = new_secret("rt")
+    body = {k: (secret if v == "placeholder" else v) for k, v in body.items()}
+    reply = await api.import_grant(**body)
+    problem = assert_problem(reply, 400, "bad_request")
+    assert detail in problem["detail"]
+    assert secret not in reply.text
+    assert (await api.call("GET", "/v1/grants")).json() == {"grants": []}
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "detail"),
+    [
+        (b"{not json", "application/json", "not valid JSON"),
+        (b"\xff\xfe", "application/json", "not valid JSON"),
+        (b"[1, 2]", "application/json", "must be a JSON object"),
+        (b'"text"', "application/json", "must be a JSON object"),
+        (b'{"provider": "techniek"}', "text/plain", "Content-Type: application/json"),
+    ],
+    ids=["broken", "not-utf8", "array", "string", "wrong-content-type"],
+)
+async def test_import_rejects_bodies_that_are_not_a_json_object(
+    api: Api, data: bytes, content_type: str, detail: str
+) -> None:
+    """A body that is not a JSON object (or not sent as JSON) is 400 with a detail saying so."""
+    reply = await api.call("POST", "/v1/grants", data=data, headers={"Content-Type": content_type})
+    assert detail in assert_problem(reply, 400, "bad_request")["detail"]
+
+
+async def test_a_body_over_64_kib_is_413(api: Api) -> None:
+    """A request body larger than 64 KiB is refused with 413 problem+json."""
+    data = json.dumps({"provider": "techniek", "padding": "x" * MAX_BODY_BYTES}).encode()
+    reply = await api.call(
+        "POST", "/v1/grants", data=data, headers={"Content-Type": "application/json"}
+    )
+    assert_problem(reply, 413, "payload_too_large")
+
+
+# -- admin views --------------------------------------------------------------------------------
+
+
+async def test_grant_views_have_every_field_and_no_secret(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """GET /v1/grants and /v1/grants/{p}/{u} list the contract's fields and no token value."""
+    secrets = []
+    for provider, user in (("techniek", "alice"), ("netid", "bob")):
+        refresh, access = new_secret("rt"), new_secret("at")
+        secrets += [refresh, access]
+        reply = await api.import_grant(
+            provider=provider,
+            user=user,
+            refresh_token=refresh,
+            access_token=access,
+            expires_in=3600,
+        )
+        assert reply.status == 201
+    listing = await api.call("GET", "/v1/grants")
+    one = await api.call("GET", "/v1/grants/techniek/alice")
+    for reply in (listing, one):
+        assert reply.status == 200
+        for secret in secrets:
+            assert secret not in reply.text
+    grants = listing.json()["grants"]
+    assert [(g["provider"], g["user"]) for g in grants] == [("netid", "bob"), ("techniek", "alice")]
+    for grant in [*grants, one.json()]:
+        assert set(grant) >= SUMMARY_FIELDS
+    assert one.json() == grants[1]
+    assert one.json()["generation"] == 1
+    assert one.json()["state"] == "active"
+    assert one.json()["last_error"] is None
+    assert one.json()["access_expires_at"] == "2030-01-02T04:04:05Z"
+
+
+async def test_an_unknown_grant_view_is_404(api: Api) -> None:
+    """GET /v1/grants/{p}/{u} for a missing grant is 404 grant_not_found."""
+    assert_problem(await api.call("GET", "/v1/grants/techniek/nobody"), 404, "grant_not_found")
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+
+async def test_an_unknown_route_is_a_404_problem(api: Api) -> None:
+    """A path the API does not have is 404 as problem+json."""
+    assert_problem(await api.call("GET", "/v2/nothing"), 404, "not_found")
+
+
+async def test_a_wrong_method_is_a_405_problem_with_allow(api: Api) -> None:
+    """A known path with the wrong method is 405 as problem+json, and says what is allowed."""
+    reply = await api.call("DELETE", "/healthz")
+    assert_problem(reply, 405, "method_not_allowed")
+    assert "GET" in reply.headers["Allow"]
+
+
+# -- health, readiness, metrics -------------------------------------------------------------------
+
+
+async def test_healthz_answers_200(api: Api) -> None:
+    """/healthz is 200 while the process runs."""
+    reply = await api.call("GET", "/healthz")
+    assert reply.status == 200
+    assert reply.json() == {"status": "ok"}
+
+
+async def test_readyz_is_200_with_a_working_store_and_keyring(api: Api) -> None:
+    """/readyz is 200 when the store answers and the keyring file holds the key in use."""
+    reply = await api.call("GET", "/readyz")
+    assert reply.status == 200, reply.text
+    assert reply.json() == {"status": "ready"}
+
+
+async def test_readyz_is_503_when_the_keyring_file_is_removed(api: Api) -> None:
+    """Deleting the keyring file makes /readyz 503 with a reason naming the keyring."""
+    api.config.store.key_file.unlink()
+    reply = await api.call("GET", "/readyz")
+    assert reply.status == 503
+    body = reply.json()
+    assert body["status"] == "unavailable"
+    assert any(p.startswith("keys:") and "does not exist" in p for p in body["problems"])
+
+
+async def test_readyz_is_503_when_the_keyring_file_is_too_open(api: Api) -> None:
+    """A keyring file made 0644 makes /readyz 503 and the reason says to chmod 600."""
+    api.config.store.key_file.chmod(0o644)
+    reply = await api.call("GET", "/readyz")
+    assert reply.status == 503
+    assert any("chmod 600" in p for p in reply.json()["problems"])
+
+
+async def test_readyz_is_503_when_the_keyring_lost_the_key_in_use(api: Api) -> None:
+    """A keyring file that no longer holds the primary key in use makes /readyz 503."""
+    write_keyring(api.config.store.key_file, Keyring.generate(START), replace=True)
+    reply = await api.call("GET", "/readyz")
+    assert reply.status == 503
+    assert any("no longer holds the key in use" in p for p in reply.json()["problems"])
+
+
+async def test_readiness_reports_a_store_that_does_not_answer(tmp_path: Path) -> None:
+    """Daemon.readiness names the store when the database file is not a database."""
+    config = _config(tmp_path)
+    keyring = Keyring.generate(START)
+    write_keyring(config.store.key_file, keyring, replace=False)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database file" * 200)
+    engine = create_engine(f"sqlite:///{garbage}")
+    try:
+        problems = await Daemon(config, {}, Clock(START)).readiness(
+            GrantRepository(engine, keyring)
+        )
+    finally:
+        await engine.dispose()
+    assert len(problems) == 1
+    assert problems[0].startswith("store:")
+
+
+async def test_metrics_count_token_requests_by_provider_and_outcome(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """served, not_found and bad_request are counted per configured provider; build_info is 1."""
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=3600,
+    )
+    assert (await api.call("GET", "/v1/tokens/techniek/alice")).status == 200
+    assert (await api.call("GET", "/v1/tokens/techniek/alice")).status == 200
+    assert (await api.call("GET", "/v1/tokens/techniek/nobody")).status == 404
+    assert (await api.call("GET", "/v1/tokens/techniek/alice?min_ttl=x")).status == 400
+    text = await api.metrics_text()
+    name = "token_broker_token_requests_total"
+    assert _sample(text, name, provider="techniek", outcome="served") == 2
+    assert _sample(text, name, provider="techniek", outcome="not_found") == 1
+    assert _sample(text, name, provider="techniek", outcome="bad_request") == 1
+    assert _sample(text, name, provider="netid", outcome="served") == 0
+    assert _sample(text, "token_broker_build_info", version=broker.__version__) == 1
+    assert _sample(text, "token_broker_grants", provider="techniek", state="active") == 1
+    assert _sample(text, "token_broker_token_request_duration_seconds_count") == 4
+    assert 'le="5e-05"' in text
+
+
+async def test_an_unknown_provider_is_counted_as_other(api: Api) -> None:
+    """Token requests for providers not in the config share provider="other": no new labels."""
+    for provider in ("nope", "made-up", "x" * 60):
+        assert (await api.call("GET", f"/v1/tokens/{provider}/alice")).status == 404
+    text = await api.metrics_text()
+    assert (
+        _sample(text, "token_broker_token_requests_total", provider="other", outcome="not_found")
+        == 3
+    )
+    providers = {
+        sample.labels["provider"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "provider" in sample.labels
+    }
+    assert providers == {"techniek", "netid", "other"}
+    assert "alice" not in text
+
+
+# -- the TCP listener and bearer tokens -----------------------------------------------------------
+
+
+async def test_tcp_requests_need_a_bearer_and_follow_the_clients_patterns(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """On TCP: no bearer is 401 with a challenge, a client's token gets its grants, others 403."""
+    bearer = new_secret("bearer")
+    client = {
+        "name": "billing",
+        "token_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
+        "grants": ["techniek/*"],
+    }
+    async with served_api(tmp_path, clients=[client], tcp=True) as api:
+        access = new_secret("at")
+        for provider, token in (("techniek", access), ("netid", new_secret("at"))):
+            reply = await api.import_grant(
+                provider=provider,
+                user="alice",
+                refresh_token=new_secret("rt"),
+                access_token=token,
+                expires_in=3600,
+            )
+            assert reply.status == 201
+        auth = {"Authorization": f"Bearer {bearer}"}
+
+        anonymous = await api.call("GET", "/v1/tokens/techniek/alice", tcp=True)
+        assert_problem(anonymous, 401, "unauthenticated")
+        assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = {"Authorization": f"Bearer {new_secret('bearer')}"}
+        assert_problem(
+            await api.call("GET", "/v1/tokens/techniek/alice", headers=wrong, tcp=True),
+            401,
+            "unauthenticated",
+        )
+
+        allowed = await api.call("GET", "/v1/tokens/techniek/alice", headers=auth, tcp=True)
+        assert allowed.status == 200, allowed.text
+        assert allowed.json()["access_token"] == access
+        assert allowed.headers["Cache-Control"] == "no-store"
+
+        other = await api.call("GET", "/v1/tokens/netid/alice", headers=auth, tcp=True)
+        assert_problem(other, 403, "forbidden")
+        admin_only = await api.call("GET", "/v1/grants", headers=auth, tcp=True)
+        assert_problem(admin_only, 403, "forbidden")
+
+        assert (await api.call("GET", "/healthz", tcp=True)).status == 200
+        text = await api.metrics_text()
+        name = "token_broker_token_requests_total"
+        assert _sample(text, name, provider="techniek", outcome="unauthenticated") == 2
+        assert _sample(text, name, provider="techniek", outcome="served") == 1
+        assert _sample(text, name, provider="netid", outcome="forbidden") == 1
+
+
+# -- callers and policy ---------------------------------------------------------------------------
+
+
+def _client(name: str, **fields: Any) -> ClientConfig:
+    values: dict[str, Any] = {
+        "unix_user": None,
+        "unix_uid": None,
+        "unix_group": None,
+        "token_sha256": None,
+        "grants": (),
+        "admin": False,
+    }
+    return ClientConfig(name=name, **(values | fields))
+
+
+UNKNOWN_UID = 54_321
+UNKNOWN_GID = 54_321
+
+
+def test_root_and_the_daemons_own_uid_are_admin() -> None:
+    """uid 0 and the daemon's uid are admin whatever the clients say."""
+    policy = Policy([_client("billing", unix_uid=1000, grants=("techniek/*",))], daemon_uid=999)
+    for uid in (0, 999):
+        caller = policy.unix_caller(uid, UNKNOWN_GID)
+        assert caller.admin
+        assert caller.may_fetch("netid", "anyone")
+
+
+def test_a_uid_matching_a_client_gets_its_patterns_and_no_admin() -> None:
+    """A peer whose uid is a client's unix_uid gets that client's grants, not admin."""
+    policy = Policy([_client("billing", unix_uid=1000, grants=("techniek/*",))], daemon_uid=999)
+    caller = policy.unix_caller(1000, UNKNOWN_GID)
+    assert caller == Caller(name="billing", admin=False, patterns=("techniek/*",), uid=1000)
+    assert caller.may_fetch("techniek", "alice")
+    assert not caller.may_fetch("netid", "alice")
+
+
+def test_an_unknown_uid_gets_nothing() -> None:
+    """A peer matching no client is neither admin nor allowed any grant."""
+    policy = Policy([_client("billing", unix_uid=1000, grants=("*/*",))], daemon_uid=999)
+    caller = policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID)
+    assert not caller.admin
+    assert caller.patterns == ()
+    assert not caller.may_fetch("techniek", "alice")
+
+
+def test_a_unix_user_is_resolved_to_its_uid() -> None:
+    """unix_user matches the uid the passwd database gives that name; an unknown name, nobody."""
+    user = next(p for p in pwd.getpwall() if p.pw_uid not in (0, 999))
+    policy = Policy(
+        [
+            _client("ghost", unix_user="no-such-user-here", grants=("netid/*",)),
+            _client("named", unix_user=user.pw_name, grants=("techniek/*",)),
+        ],
+        daemon_uid=999,
+    )
+    assert policy.unix_caller(user.pw_uid, UNKNOWN_GID).name == "named"
+    assert policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID).name == f"uid:{UNKNOWN_UID}"
+
+
+def test_a_unix_group_matches_the_peers_gid() -> None:
+    """unix_group matches a peer whose gid is that group's, whatever its uid."""
+    group = next(g for g in grp.getgrall() if g.gr_gid != 0)
+    policy = Policy([_client("ops", unix_group=group.gr_name, grants=("netid/*",))], daemon_uid=999)
+    caller = policy.unix_caller(UNKNOWN_UID, group.gr_gid)
+    assert caller.name == "ops"
+    assert caller.may_fetch("netid", "bob")
+    assert not caller.may_fetch("techniek", "bob")
+    assert policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID).name != "ops"
+
+
+def test_a_clients_admin_flag_is_honoured() -> None:
+    """A client with admin = true is admin and may fetch any grant."""
+    policy = Policy([_client("ops", unix_uid=1000, admin=True)], daemon_uid=999)
+    caller = policy.unix_caller(1000, UNKNOWN_GID)
+    assert caller.admin
+    assert caller.may_fetch("netid", "anyone")
+
+
+def test_bearer_tokens_are_matched_by_sha256(new_secret: Callable[[str], str]) -> None:
+    """The client whose token_sha256 is the token's sha256 is the caller; other tokens, none."""
+    token = new_secret("bearer")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    policy = Policy(
+        [
+            _client("other", token_sha256=hashlib.sha256(b"x").hexdigest()),
+            _client("billing", token_sha256=digest, grants=("techniek/*",)),
+        ],
+        daemon_uid=999,
+    )
+    caller = policy.bearer_caller(token)
+    assert caller == Caller(name="billing", admin=False, patterns=("techniek/*",))
+    assert policy.bearer_caller(new_secret("bearer")) is None
+    assert policy.bearer_caller("") is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "grant", "allowed"),
+    [
+        ("techniek/alice", "techniek/alice", True),
+        ("techniek/alice", "techniek/alice2", False),
+        ("techniek/*", "techniek/alice", True),
+        ("techniek/*", "netid/alice", False),
+        ("techniek/*", "techniek2/alice", False),
+        ("*/alice", "netid/alice", True),
+        ("*/alice", "netid/bob", False),
+        ("techniek/svc-?", "techniek/svc-1", True),
+        ("techniek/svc-?", "techniek/svc-12", False),
+        ("techniek/[ab]*", "techniek/bob", True),
+        ("techniek/[ab]*", "techniek/carol", False),
+        ("techniek/*", "Techniek/alice", False),
+        ("techniek/Alice", "techniek/alice", False),
+    ],
+)
+def test_may_fetch_matches_globs_over_provider_and_user(
+    pattern: str, grant: str, allowed: bool
+) -> None:
+    """may_fetch is a case-sensitive glob over PROVIDER/USER."""
+    provider, user = grant.split("/")
+    caller = Caller(name="c", admin=False, patterns=(pattern,))
+    assert caller.may_fetch(provider, user) is allowed

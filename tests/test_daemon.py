@@ -1,0 +1,238 @@
+"""Tests for broker.daemon: `token-broker serve` as a real subprocess, from start to SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import sqlite3
+import stat
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+import broker
+from broker.crypto import Keyring, write_keyring
+from broker.store.migrate import head_revision
+from tests.daemon import (
+    Home,
+    failed_start,
+    free_port,
+    make_home,
+    request,
+    running_daemon,
+)
+
+
+def _import(home: Home, new_secret: Callable[[str], str], user: str = "alice") -> str:
+    """Import one grant with an access token through the API; the access token."""
+    access = new_secret("at")
+    reply = request(
+        home.socket,
+        "POST",
+        "/v1/grants",
+        {
+            "provider": "techniek",
+            "user": user,
+            "refresh_token": new_secret("rt"),
+            "access_token": access,
+            "expires_in": 3600,
+        },
+    )
+    assert reply.status == 201, reply.body
+    return access
+
+
+@pytest.mark.parametrize("mode", ["0600", "0660"])
+def test_serve_creates_the_socket_with_the_configured_mode(
+    tmp_path: Path, log_dir: Path, mode: str
+) -> None:
+    """The socket file is a socket with exactly socket_mode, and the store is migrated to head."""
+    home = make_home(tmp_path, socket_mode=mode)
+    with running_daemon(home, log_dir):
+        info = home.socket.lstat()
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == int(mode, 8)
+        with contextlib.closing(sqlite3.connect(home.db)) as db:
+            (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert revision == head_revision()
+
+
+def test_ready_is_sent_to_notify_socket_once_the_socket_answers(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """READY=1 reaches $NOTIFY_SOCKET after the API socket and the metrics listener answer."""
+    port = free_port()
+    home = make_home(tmp_path, metrics=f"127.0.0.1:{port}")
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(15.0)
+        with running_daemon(
+            home, log_dir, env={"NOTIFY_SOCKET": str(notify_path)}, wait=False
+        ) as daemon:
+            try:
+                first = notify.recv(4096)
+            except TimeoutError:
+                pytest.fail(f"no sd_notify datagram in 15s:\n{daemon.log_tail()}")
+            assert first == b"READY=1"
+            # Nothing polled the socket before READY: it must answer right away.
+            assert request(home.socket, "GET", "/healthz").status == 200
+            assert notify.recv(4096).startswith(b"STATUS=")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+            assert f'token_broker_build_info{{version="{broker.__version__}"}} 1.0' in text
+        assert notify.recv(4096) == b"STOPPING=1"
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_sigterm_lets_a_request_in_flight_finish(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """An import stuck on a database lock at SIGTERM still gets its 201; then exit 0."""
+    home = make_home(tmp_path)
+    body = json.dumps(
+        {"provider": "techniek", "user": "alice", "refresh_token": new_secret("rt")}
+    ).encode()
+    message = (
+        b"POST /v1/grants HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with running_daemon(home, log_dir) as daemon:
+        # Another writer holds SQLite's write lock, so the import waits inside its handler
+        # (busy_timeout) until the test lets go: a request deterministically in flight.
+        blocker = sqlite3.connect(home.db, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(15.0)
+                conn.connect(str(home.socket))
+                conn.sendall(message)
+                # A round trip on another connection: by now the daemon has read the whole
+                # import request and its handler is running.
+                assert request(home.socket, "GET", "/healthz").status == 200
+                conn.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    conn.recv(1, socket.MSG_PEEK)  # no answer yet: the import is in flight
+                conn.settimeout(15.0)
+                daemon.terminate()
+                _wait_for(lambda: '"event": "stopping"' in daemon.log(), "the daemon to stop")
+                assert daemon.process.poll() is None
+                blocker.execute("ROLLBACK")
+                response = http.client.HTTPResponse(conn)
+                response.begin()
+                answer = json.loads(response.read())
+        finally:
+            blocker.close()
+        assert response.status == 201, answer
+        assert answer["user"] == "alice"
+        assert answer["generation"] == 1
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert '"event": "stopped"' in log
+    assert not home.socket.exists()
+    with contextlib.closing(sqlite3.connect(home.db)) as db:
+        assert db.execute("SELECT user_name FROM grants").fetchall() == [("alice",)]
+
+
+def test_sigterm_on_an_idle_daemon_exits_0_and_removes_the_socket(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGTERM stops an idle daemon promptly: exit 0, "stopped" logged, socket file gone."""
+    home = make_home(tmp_path)
+    with running_daemon(home, log_dir) as daemon:
+        started = time.monotonic()
+        daemon.terminate()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 5
+        log = daemon.log()
+    assert '"event": "stopped"' in log
+    assert not home.socket.exists()
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path, log_dir: Path) -> None:
+    """A socket file nobody listens on (left by a crash) is removed and the daemon starts."""
+    home = make_home(tmp_path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(home.socket))
+    stale.close()
+    assert stat.S_ISSOCK(home.socket.lstat().st_mode)
+    with running_daemon(home, log_dir):
+        assert request(home.socket, "GET", "/healthz").status == 200
+        assert stat.S_IMODE(home.socket.lstat().st_mode) == 0o600
+
+
+def test_a_live_socket_is_not_stolen(tmp_path: Path, log_dir: Path) -> None:
+    """A second daemon on the same socket exits 1 and the first keeps serving on its socket."""
+    home = make_home(tmp_path)
+    with running_daemon(home, log_dir, name="first"):
+        inode = home.socket.lstat().st_ino
+        code, log = failed_start(home, log_dir, name="second")
+        assert code == 1, log
+        assert "another process is already serving" in log
+        assert home.socket.lstat().st_ino == inode
+        assert request(home.socket, "GET", "/healthz").status == 200
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path, log_dir: Path) -> None:
+    """A regular file at the socket path makes serve exit 1 and keeps the file."""
+    home = make_home(tmp_path)
+    home.socket.write_text("not a socket")
+    code, log = failed_start(home, log_dir)
+    assert code == 1, log
+    assert "is not a socket" in log
+    assert home.socket.read_text() == "not a socket"
+
+
+def test_a_wrong_keyring_refuses_to_start_and_changes_nothing(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """With another keyring the daemon exits 1, says so, and leaves the database bytes alone."""
+    home = make_home(tmp_path)
+    with running_daemon(home, log_dir, name="first"):
+        _import(home, new_secret)
+    home.generate_keys()
+    before = home.db_digest()
+    code, log = failed_start(home, log_dir, name="wrong-key")
+    assert code == 1, log
+    assert "does not open the store" in log
+    assert "nothing was changed" in log
+    assert home.db_digest() == before
+    assert not home.socket.exists()
+
+
+def test_a_missing_key_file_refuses_to_start_and_creates_no_database(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """Without a keyring the daemon exits 1 naming `token-broker keys generate`; no db appears."""
+    home = Home(tmp_path)
+    home.write_config()
+    code, log = failed_start(home, log_dir)
+    assert code == 1, log
+    assert "token-broker keys generate" in log
+    assert str(home.key_file) in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "logs"]
+
+
+def test_a_key_file_readable_by_others_refuses_to_start(tmp_path: Path, log_dir: Path) -> None:
+    """A keyring file with mode 0644 makes serve exit 1 with `chmod 600` in the error."""
+    home = Home(tmp_path)
+    home.write_config()
+    write_keyring(home.key_file, Keyring.generate(datetime.now(UTC)), replace=False)
+    home.key_file.chmod(0o644)
+    code, log = failed_start(home, log_dir)
+    assert code == 1, log
+    assert f"chmod 600 {home.key_file}" in log
+    assert not home.db.exists()
