@@ -1,0 +1,240 @@
+"""Commands that ask the running daemon, over its Unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    call,
+    options,
+    print_json,
+    table,
+)
+
+
+def _read_secret(source: str) -> str:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror}") from None
+    value = text.strip()
+    if not value or any(ch.isspace() for ch in value):
+        raise CliError(f"{source} must hold exactly one token and nothing else")
+    return value
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a refresh token obtained elsewhere."""
+    body: dict[str, Any] = {
+        "provider": args.provider,
+        "user": args.user,
+        "refresh_token": _read_secret(args.refresh_token_file),
+    }
+    if args.access_token_file:
+        if args.expires_in is None:
+            raise CliError("--access-token-file needs --expires-in", EXIT_USAGE)
+        body["access_token"] = _read_secret(args.access_token_file)
+        body["expires_in"] = args.expires_in
+    if args.scope is not None:
+        body["scope"] = args.scope
+    if args.force:
+        body["force"] = True
+    grant = call(args, "POST", "/v1/grants", body)
+    if args.json:
+        print_json(grant)
+    else:
+        print(f"imported {grant['provider']}/{grant['user']} (generation {grant['generation']})")
+    return EXIT_OK
+
+
+def _grant_row(grant: dict[str, Any]) -> list[str]:
+    return [
+        f"{grant['provider']}/{grant['user']}",
+        grant["state"],
+        grant.get("sub") or "-",
+        grant.get("access_expires_at") or "-",
+        str(grant["generation"]),
+        grant.get("last_error") or "",
+    ]
+
+
+def cmd_grants_list(args: argparse.Namespace) -> int:
+    """List grants."""
+    grants = call(args, "GET", "/v1/grants")["grants"]
+    if args.json:
+        print_json(grants)
+    elif not grants:
+        print("no grants")
+    else:
+        table(
+            [["GRANT", "STATE", "SUB", "ACCESS EXPIRES", "GEN", "LAST ERROR"]]
+            + [_grant_row(g) for g in grants]
+        )
+    return EXIT_OK
+
+
+def cmd_grants_show(args: argparse.Namespace) -> int:
+    """Show one grant."""
+    grant = call(args, "GET", f"/v1/grants/{args.provider}/{args.user}")
+    if args.json:
+        print_json(grant)
+    else:
+        for key, value in grant.items():
+            shown = " ".join(value) if isinstance(value, list) else value
+            print(f"{key + ':':20} {'-' if shown is None else shown}")
+    return EXIT_OK
+
+
+def cmd_grants_revoke(args: argparse.Namespace) -> int:
+    """Revoke a grant at its provider and delete it."""
+    result = call(args, "DELETE", f"/v1/grants/{args.provider}/{args.user}")
+    if args.json:
+        print_json(result)
+    else:
+        where = "at the provider and " if result.get("revoked_at_provider") else ""
+        print(f"revoked {args.provider}/{args.user} {where}deleted it")
+    return EXIT_OK
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Log a user in: print the authorize URL, wait for the redirect to complete the login."""
+    body = {"provider": args.provider, "user": args.user, "force": args.force}
+    started = call(args, "POST", "/v1/logins", body)
+    print(started["authorize_url"], flush=True)
+    if not args.no_browser:
+        import webbrowser
+
+        if not webbrowser.open(started["authorize_url"]):
+            print("token-broker: no browser here; open the URL above", file=sys.stderr)
+    print(
+        f"waiting for the login to complete in the browser (until {started['expires_at']})...",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = call(args, "GET", f"/v1/logins/{started['login_id']}")
+        if status["state"] == "complete":
+            print(f"logged in: {args.provider}/{args.user}", file=sys.stderr)
+            return EXIT_OK
+        if status["state"] == "failed":
+            raise CliError(f"login failed: {status.get('error', 'no reason given')}")
+        time.sleep(args.poll_interval)
+    raise CliError(f"gave up waiting after {args.timeout:g} s; the login may still complete")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a fresh access token."""
+    query = "" if args.min_ttl is None else f"?min_ttl={args.min_ttl}"
+    token = call(args, "GET", f"/v1/tokens/{args.provider}/{args.user}{query}")
+    if args.json:
+        print_json(token)
+    else:
+        print(token["access_token"])
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add import, grants, login and token to the command parser."""
+    client = options(client=True, json_output=True)
+    p = sub.add_parser(
+        "import",
+        parents=[client],
+        help="import a refresh token",
+        description="Import a refresh token obtained outside the broker.",
+    )
+    p.add_argument("provider")
+    p.add_argument("user")
+    p.add_argument(
+        "--refresh-token-file",
+        required=True,
+        metavar="FILE",
+        help="file holding the refresh token; - reads standard input",
+    )
+    p.add_argument(
+        "--access-token-file",
+        metavar="FILE",
+        help="file holding a current access token (needs --expires-in)",
+    )
+    p.add_argument(
+        "--expires-in", type=int, metavar="SECONDS", help="remaining life of the access token"
+    )
+    p.add_argument("--scope", help="space-separated scopes (default: the provider's)")
+    p.add_argument("--force", action="store_true", help="replace an existing grant's tokens")
+    p.set_defaults(handler=cmd_import)
+
+    grants = sub.add_parser("grants", help="admin views of grants").add_subparsers(
+        dest="grants_command", required=True, metavar="COMMAND"
+    )
+    p = grants.add_parser(
+        "list", parents=[client], help="list grants", description="List grants, without secrets."
+    )
+    p.set_defaults(handler=cmd_grants_list)
+    p = grants.add_parser(
+        "show",
+        parents=[client],
+        help="show one grant",
+        description="Show one grant, without secrets.",
+    )
+    p.add_argument("provider")
+    p.add_argument("user")
+    p.set_defaults(handler=cmd_grants_show)
+    p = grants.add_parser(
+        "revoke",
+        parents=[client],
+        help="revoke at the provider, then delete",
+        description="Revoke the grant's refresh token at the provider (where it has a "
+        "revocation endpoint), then delete the grant. If the provider cannot be reached "
+        "the grant is kept and the command fails: run it again.",
+    )
+    p.add_argument("provider")
+    p.add_argument("user")
+    p.set_defaults(handler=cmd_grants_revoke)
+
+    p = sub.add_parser(
+        "login",
+        parents=[client],
+        help="log a user in (authorization code + PKCE)",
+        description="Ask the daemon for a login, print the authorize URL on its own line, open "
+        "a browser unless --no-browser, and wait until the provider redirects back to the "
+        "callback listener. On a headless server, open the URL elsewhere and forward the "
+        "callback port (ssh -L 8000:127.0.0.1:8000 HOST).",
+    )
+    p.add_argument("provider")
+    p.add_argument("user", help="the label for this grant: [A-Za-z0-9._@-]{1,128}")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+    p.add_argument(
+        "--force", action="store_true", help="replace a grant held by another account (sub)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait (default: 600, the login's own lifetime)",
+    )
+    p.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_login)
+
+    p = sub.add_parser(
+        "token",
+        parents=[client],
+        help="print an access token",
+        description="Print a fresh access token for PROVIDER USER to stdout.",
+    )
+    p.add_argument("provider")
+    p.add_argument("user")
+    p.add_argument(
+        "--min-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="refresh first if the token lives less than this",
+    )
+    p.set_defaults(handler=cmd_token)
