@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help run test lint typecheck imports pytest bench clean
+.PHONY: help demo run test lint typecheck imports pytest bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,6 +21,9 @@ var/config.toml: examples/local.toml
 
 var/keys: | $(STAMP) var/config.toml
 	$(BIN)/token-broker -c var/config.toml keys generate
+
+demo: $(STAMP)  ## a local identity provider, the daemon, a headless login and a token, until Ctrl-C
+	$(BIN)/python -m demo
 
 run: $(STAMP) var/config.toml var/keys  ## run the daemon on the embedded defaults in ./var
 	$(BIN)/token-broker -c var/config.toml serve

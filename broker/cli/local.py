@@ -29,7 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker.log import configure_logging, get_logger
 
     config = load(args)
-    configure_logging(level=args.log_level)
+    json_logs = {"json": True, "console": False}.get(args.log_format)
+    configure_logging(level=args.log_level, json=json_logs)
     try:
         asyncio.run(serve(config))
     except BrokerError as exc:
@@ -190,6 +191,12 @@ def register(sub: Any) -> None:
         default=os.environ.get("TOKEN_BROKER_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
         help="default: info",
+    )
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="JSON lines, or a human console format; auto picks console only on a terminal",
     )
     p.set_defaults(handler=cmd_serve)
     p = sub.add_parser(

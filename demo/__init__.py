@@ -1,0 +1,1 @@
+"""`make demo`: the broker against a real local identity provider, end to end."""
