@@ -1,18 +1,16 @@
 """TOML configuration -> frozen, validated dataclasses; every problem is reported at once.
 
-Parsing never stops at the first mistake: the `_Table` getters record `key.path: reason`
+Parsing never stops at the first mistake: the `Table` getters record `key.path: reason`
 problems and return a placeholder, and `parse_config` raises one `ConfigError` at the end.
 Nothing here touches the network or reads secret files; paths are only resolved.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
 from broker.model import PROVIDER_RE
+from broker.tomltable import Table, table_keys, type_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/token-broker/config.toml")
 CONFIG_ENV = "TOKEN_BROKER_CONFIG"
@@ -37,18 +36,7 @@ _URL_KEYS = (
     "userinfo_endpoint",
 )
 _IDENTITY_KEYS = ("unix_user", "unix_uid", "unix_group", "token_sha256")
-_DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_DURATION_RE = re.compile(r"(?:\d+(?:ms|s|m|h|d))+", re.ASCII)
-_DURATION_PART_RE = re.compile(r"(\d+)(ms|s|m|h|d)", re.ASCII)
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_TOML_TYPE_NAMES: tuple[tuple[type, str], ...] = (
-    (bool, "boolean"),  # before int: bool is a subclass of int
-    (int, "integer"),
-    (float, "float"),
-    (str, "string"),
-    (list, "array"),
-    (dict, "table"),
-)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -155,21 +143,6 @@ def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Pa
     return DEFAULT_CONFIG_PATH
 
 
-def parse_duration(text: str) -> timedelta:
-    """Parse a duration such as "90s", "15m", "10h", "1d", "500ms" or "1h30m"."""
-    if _DURATION_RE.fullmatch(text):
-        try:
-            ms = sum(int(n) * _DURATION_MS[unit] for n, unit in _DURATION_PART_RE.findall(text))
-            return timedelta(milliseconds=ms)
-        except OverflowError:
-            raise ValueError(f"duration {text!r} is too large") from None
-    hint = f'; write "{text.strip()}s" for seconds' if text.strip().isdigit() else ""
-    raise ValueError(
-        f"invalid duration {text!r}: expected whole numbers with units ms, s, m, h or d,"
-        f' such as "30s", "15m" or "1h30m"{hint}'
-    )
-
-
 def load_config(path: Path) -> Config:
     """Read, parse and validate the TOML file at `path`."""
     try:
@@ -190,118 +163,23 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     """Validate parsed TOML; relative paths are resolved against `base_dir`."""
     problems: list[str] = []
     base_dir = base_dir.absolute()
-    root = _Table(data, "", problems, ("server", "store", "refresh", "providers", "clients"))
+    root = Table(data, "", problems, ("server", "store", "refresh", "providers", "clients"))
     server = _parse_server(root.section("server", ServerConfig), base_dir)
     store = _parse_store(root.section("store", StoreConfig), base_dir)
     refresh = _parse_refresh(root.section("refresh", RefreshConfig))
     providers: dict[str, ProviderConfig] = {}
     for name, table in root.table("providers").items():
         if isinstance(table, dict):
-            keys = _keys(ProviderConfig, exclude="name")
+            keys = table_keys(ProviderConfig, exclude="name")
             providers[name] = _parse_provider(
-                name, _Table(table, f"providers.{name}", problems, keys), base_dir
+                name, Table(table, f"providers.{name}", problems, keys), base_dir
             )
         else:
-            problems.append(f"providers.{name}: expected a table, got {_type_name(table)}")
+            problems.append(f"providers.{name}: expected a table, got {type_name(table)}")
     clients = _parse_clients(root, providers)
     if problems:
         raise ConfigError(source, problems)
     return Config(source, server, store, refresh, MappingProxyType(providers), clients)
-
-
-class _Table:
-    """One TOML table being read: typed getters record problems instead of raising.
-
-    A getter returns None (or the given default) when the key is absent or its value is wrong,
-    so parsing carries on and every mistake in the file is reported together.
-    """
-
-    def __init__(
-        self, data: Mapping[str, Any], path: str, problems: list[str], keys: Iterable[str]
-    ) -> None:
-        self.data, self.prefix, self.problems = data, path, problems
-        known = list(keys)
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                self.problem(
-                    key, "unknown key" + (f' (did you mean "{close[0]}"?)' if close else "")
-                )
-
-    def where(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where(key)}: {message}")
-
-    def _get(self, key: str, types: tuple[type, ...], expected: str) -> Any:
-        value = self.data.get(key)
-        # bool is a subclass of int: `jitter = true` must not read as 1.
-        is_bool_number = isinstance(value, bool) and bool not in types
-        if value is not None and (not isinstance(value, types) or is_bool_number):
-            self.problem(key, f"expected {expected}, got {_type_name(value)}")
-            return None
-        return value
-
-    def string(self, key: str, expected: str = "a string") -> str | None:
-        return cast("str | None", self._get(key, (str,), expected))
-
-    def nonempty(self, key: str, *, required: bool = False) -> str | None:
-        value = self.string(key)
-        if value == "" or (value is None and required and key not in self.data):
-            self.problem(key, "must not be empty" if value == "" else "required")
-            return None
-        return value
-
-    def number(self, key: str, default: float) -> float:
-        value = self._get(key, (int, float), "a number")
-        return default if value is None else float(value)
-
-    def integer(self, key: str) -> int | None:
-        return cast("int | None", self._get(key, (int,), "an integer"))
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key, (bool,), "true or false")
-        return default if value is None else bool(value)
-
-    def strings(self, key: str) -> tuple[str, ...] | None:
-        items = self._get(key, (list,), "an array of strings")
-        if items is None:
-            return None
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                self.problem(f"{key}[{i}]", f"expected a string, got {_type_name(item)}")
-        return tuple(item for item in items if isinstance(item, str))
-
-    def duration(self, key: str, default: timedelta) -> timedelta:
-        value = self._get(key, (str,), 'a duration string such as "30s"')
-        try:
-            return default if value is None else parse_duration(value)
-        except ValueError as e:
-            self.problem(key, str(e))
-            return default
-
-    def path(self, key: str, base_dir: Path) -> Path | None:
-        value = self.nonempty(key)
-        return None if value is None else base_dir / value
-
-    def array(self, key: str, expected: str) -> list[Any]:
-        return cast("list[Any]", self._get(key, (list,), expected) or [])
-
-    def table(self, key: str) -> Mapping[str, Any]:
-        return cast("Mapping[str, Any]", self._get(key, (dict,), "a table") or {})
-
-    def section(self, key: str, cls: type) -> _Table:
-        return _Table(self.table(key), self.where(key), self.problems, _keys(cls))
-
-
-def _keys(cls: type, exclude: str = "") -> list[str]:
-    # The TOML keys of a section are exactly the field names of its dataclass.
-    return [f.name for f in dataclasses.fields(cls) if f.name != exclude]
-
-
-def _type_name(value: object) -> str:
-    return next((n for t, n in _TOML_TYPE_NAMES if isinstance(value, t)), type(value).__name__)
 
 
 def _is_loopback(host: str) -> bool:
@@ -331,9 +209,7 @@ def _parse_listen(text: str) -> Listen:
     return Listen(host, int(port))
 
 
-def _listen(
-    t: _Table, key: str, default: Listen | None, *, loopback: bool = False
-) -> Listen | None:
+def _listen(t: Table, key: str, default: Listen | None, *, loopback: bool = False) -> Listen | None:
     text = t.string(key)
     if text is None:
         return default
@@ -350,7 +226,7 @@ def _listen(
     return listen
 
 
-def _check_url(t: _Table, key: str, url: str) -> None:
+def _check_url(t: Table, key: str, url: str) -> None:
     try:
         parts = urlsplit(url)
         scheme, host = parts.scheme, parts.hostname or ""
@@ -360,7 +236,7 @@ def _check_url(t: _Table, key: str, url: str) -> None:
         t.problem(key, f"must be an https URL (http only for a loopback host), got {url!r}")
 
 
-def _parse_server(t: _Table, base_dir: Path) -> ServerConfig:
+def _parse_server(t: Table, base_dir: Path) -> ServerConfig:
     d = ServerConfig()
     mode = d.socket_mode
     text = t.string("socket_mode", 'a string of octal digits such as "0660"')
@@ -379,7 +255,7 @@ def _parse_server(t: _Table, base_dir: Path) -> ServerConfig:
     )
 
 
-def _parse_store(t: _Table, base_dir: Path) -> StoreConfig:
+def _parse_store(t: Table, base_dir: Path) -> StoreConfig:
     d = StoreConfig()
     url = t.nonempty("url") or d.url
     if url.startswith("sqlite:///") and url != "sqlite:///":
@@ -391,7 +267,7 @@ def _parse_store(t: _Table, base_dir: Path) -> StoreConfig:
     return StoreConfig(url=url, key_file=t.path("key_file", base_dir) or d.key_file)
 
 
-def _parse_refresh(t: _Table) -> RefreshConfig:
+def _parse_refresh(t: Table) -> RefreshConfig:
     d = RefreshConfig()
     fraction = t.number("lifetime_fraction", d.lifetime_fraction)
     jitter = t.number("jitter", d.jitter)
@@ -410,7 +286,7 @@ def _parse_refresh(t: _Table) -> RefreshConfig:
     )
 
 
-def _parse_provider(name: str, t: _Table, base_dir: Path) -> ProviderConfig:
+def _parse_provider(name: str, t: Table, base_dir: Path) -> ProviderConfig:
     if not PROVIDER_RE.fullmatch(name):
         t.problems.append(f"{t.prefix}: a provider name must match {PROVIDER_RE.pattern}")
     urls = {key: t.nonempty(key) for key in _URL_KEYS}
@@ -448,7 +324,7 @@ def _parse_provider(name: str, t: _Table, base_dir: Path) -> ProviderConfig:
     )
 
 
-def _token_source(t: _Table, scopes: tuple[str, ...]) -> AccessTokenSource:
+def _token_source(t: Table, scopes: tuple[str, ...]) -> AccessTokenSource:
     text = t.string("access_token_from")
     kind, _, claim = (text or "").partition(":")
     if kind == "id_token_claim" and claim:
@@ -461,7 +337,7 @@ def _token_source(t: _Table, scopes: tuple[str, ...]) -> AccessTokenSource:
     return AccessTokenSource()
 
 
-def _client_auth(t: _Table, secret_file: Path | None) -> ClientAuth:
+def _client_auth(t: Table, secret_file: Path | None) -> ClientAuth:
     auth = t.string("client_auth") or ("client_secret_basic" if secret_file else "none")
     if auth not in _CLIENT_AUTHS:
         t.problem("client_auth", f"expected one of {', '.join(_CLIENT_AUTHS)}, got {auth!r}")
@@ -473,16 +349,16 @@ def _client_auth(t: _Table, secret_file: Path | None) -> ClientAuth:
 
 
 def _parse_clients(
-    root: _Table, providers: Mapping[str, ProviderConfig]
+    root: Table, providers: Mapping[str, ProviderConfig]
 ) -> tuple[ClientConfig, ...]:
     items = root.array("clients", "an array of tables ([[clients]])")
     clients: list[ClientConfig] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            root.problem(f"clients[{i}]", f"expected a table, got {_type_name(item)}")
+            root.problem(f"clients[{i}]", f"expected a table, got {type_name(item)}")
             continue
-        t = _Table(item, f"clients[{i}]", root.problems, _keys(ClientConfig))
+        t = Table(item, f"clients[{i}]", root.problems, table_keys(ClientConfig))
         name = t.nonempty("name", required=True) or ""
         if name in seen:
             t.problem("name", f"duplicate client name {name!r} (also clients[{seen[name]}])")

@@ -18,7 +18,10 @@ import pytest
 
 import broker
 from broker.crypto import Keyring, write_keyring
-from broker.store.migrate import head_revision
+from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.store.engine import create_engine
+from broker.store.migrate import current_revision, head_revision, upgrade
+from broker.store.repository import GrantRepository
 from tests.daemon import (
     Home,
     failed_start,
@@ -211,6 +214,47 @@ def test_a_wrong_keyring_refuses_to_start_and_changes_nothing(
     assert "nothing was changed" in log
     assert home.db_digest() == before
     assert not home.socket.exists()
+
+
+async def test_the_keyring_is_checked_before_any_migration_runs(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A store left at an older revision stays there, byte for byte, when the keyring is wrong."""
+    home = make_home(tmp_path)
+    engine = create_engine(home.store_url)
+    try:
+        await upgrade(engine, "0001")
+        grant = Grant(
+            id="",
+            provider="techniek",
+            user="alice",
+            state=GrantState.ACTIVE,
+            generation=0,
+            tokens=TokenSet(refresh_token=Secret(new_secret("rt"))),
+        )
+        await GrantRepository(engine, home.keyring()).insert(grant, datetime.now(UTC))
+    finally:
+        await engine.dispose()
+    right_keys = home.keyring()
+    home.generate_keys()
+    before = home.db_digest()
+    code, log = failed_start(home, log_dir, name="wrong-key-old-schema")
+    assert code == 1, log
+    assert "does not open the store" in log
+    assert home.db_digest() == before
+    engine = create_engine(home.store_url)
+    try:
+        assert await current_revision(engine) == "0001"
+    finally:
+        await engine.dispose()
+    write_keyring(home.key_file, right_keys, replace=True)
+    with running_daemon(home, log_dir, name="right-key"):
+        pass
+    engine = create_engine(home.store_url)
+    try:
+        assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
 
 
 def test_a_missing_key_file_refuses_to_start_and_creates_no_database(

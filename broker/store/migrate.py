@@ -46,19 +46,19 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await conn.run_sync(read)
 
 
-async def upgrade(engine: AsyncEngine) -> tuple[str | None, str | None]:
-    """Migrate the store to head in one write transaction; returns (before, after)."""
+async def upgrade(engine: AsyncEngine, target: str = "head") -> tuple[str | None, str | None]:
+    """Migrate the store to `target` in one write transaction; returns (before, after)."""
     config = _config()
 
     def run(conn: Connection) -> str | None:
         before = MigrationContext.configure(conn).get_current_revision()
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        command.upgrade(config, target)
         return before
 
     async with writer(engine).begin() as conn:
         before = await conn.run_sync(run)
-    return before, head_revision()
+    return before, head_revision() if target == "head" else target
 
 
 async def require_current(engine: AsyncEngine) -> None:
