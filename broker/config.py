@@ -20,7 +20,25 @@ from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
 from broker.model import PROVIDER_RE
-from broker.tomltable import Table, table_keys, type_name
+from broker.tomltable import Table, parse_duration, table_keys, type_name
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "AccessTokenSource",
+    "ClientAuth",
+    "ClientConfig",
+    "Config",
+    "Listen",
+    "ProviderConfig",
+    "RefreshConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "resolve_config_path",
+]
 
 DEFAULT_CONFIG_PATH = Path("/etc/token-broker/config.toml")
 CONFIG_ENV = "TOKEN_BROKER_CONFIG"
