@@ -17,6 +17,7 @@ class GrantCache:
 
     def __init__(self) -> None:
         self._grants: dict[tuple[str, str], Grant] = {}
+        self._ids: dict[str, tuple[str, str]] = {}
 
     def get(self, provider: str, user: str) -> Grant | None:
         """The cached grant, or None."""
@@ -28,12 +29,22 @@ class GrantCache:
         current = self._grants.get(key)
         if current is not None and current.id == grant.id and current.generation > grant.generation:
             return False
+        if current is not None and current.id != grant.id:
+            self._ids.pop(current.id, None)
         self._grants[key] = grant
+        self._ids[grant.id] = key
         return True
+
+    def by_id(self, grant_id: str) -> Grant | None:
+        """The cached grant with this row id, or None."""
+        key = self._ids.get(grant_id)
+        return None if key is None else self._grants.get(key)
 
     def drop(self, provider: str, user: str) -> None:
         """Forget a grant (it was deleted)."""
-        self._grants.pop((provider, user), None)
+        grant = self._grants.pop((provider, user), None)
+        if grant is not None:
+            self._ids.pop(grant.id, None)
 
     def __iter__(self) -> Iterator[Grant]:
         return iter(list(self._grants.values()))

@@ -22,6 +22,7 @@ from broker.api.app import build_app, build_metrics_app
 from broker.api.callback import build_callback_app
 from broker.api.identity import Policy
 from broker.api.sockets import bind_unix
+from broker.cache import GrantCache
 from broker.config import Config, Listen, ProviderConfig
 from broker.crypto import Keyring, keyring_path, load_keyring
 from broker.errors import KeyringError
@@ -31,6 +32,8 @@ from broker.idp.http import new_session
 from broker.login import LoginService
 from broker.metrics import Metrics
 from broker.model import Secret
+from broker.refresher import Refresher
+from broker.schedule import RefreshPolicy
 from broker.store.engine import create_engine
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
@@ -61,9 +64,14 @@ class Daemon:
         """The keyring from its file (or systemd credential)."""
         return load_keyring(self._key_path)
 
-    async def readiness(self, repository: GrantRepository) -> list[str]:
+    async def readiness(
+        self, repository: GrantRepository, refresher: Refresher | None = None
+    ) -> list[str]:
         """Reasons the daemon is not ready; empty when it is."""
         problems: list[str] = []
+        stalled = None if refresher is None else refresher.stalled(self.clock())
+        if stalled:
+            problems.append(f"refresher: {stalled}")
         try:
             await asyncio.wait_for(repository.ping(), READY_CHECK_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - whatever the store raises makes us unready
@@ -106,23 +114,52 @@ class Daemon:
                 name: ProviderClient(provider, session, _client_secret(provider))
                 for name, provider in self.config.providers.items()
             }
-            service = GrantService(store.grants, self.config.providers, clients)
+            metrics = Metrics(self.config.providers)
+            cache = GrantCache()
+            refresh = self.config.refresh
+            policy = RefreshPolicy(
+                lifetime_fraction=refresh.lifetime_fraction,
+                min_margin=refresh.min_margin,
+                jitter=refresh.jitter,
+            )
+            refresher = Refresher(
+                store.grants,
+                cache=cache,
+                clients=clients,
+                providers=self.config.providers,
+                policy=policy,
+                max_concurrency=refresh.max_concurrency,
+                metrics=metrics,
+                clock=self.clock,
+            )
+            service = GrantService(
+                store.grants,
+                self.config.providers,
+                clients,
+                cache=cache,
+                refresher=refresher,
+                policy=policy,
+                clock=self.clock,
+            )
             logins = LoginService(store.logins, service, clients)
             count = await service.load()
-            metrics = Metrics(self.config.providers)
             metrics.watch_grants(lambda: service.gauges(self.clock()))
+            self.refresher = refresher
+            await refresher.recover()
+            stack.push_async_callback(refresher.stop)
+            refresher.start()
             app = build_app(
                 service=service,
                 logins=logins,
                 metrics=metrics,
                 policy=Policy(self.config.clients, os.getuid()),
                 clock=self.clock,
-                readiness=lambda: self.readiness(store.grants),
+                readiness=lambda: self.readiness(store.grants, refresher),
             )
             listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
             stack.callback(listener.remove)  # runs after the runner below has drained
             api = await _start(stack, app)
-            await web.SockSite(api, listener.sock, shutdown_timeout=SHUTDOWN_TIMEOUT).start()
+            await web.SockSite(api, listener.sock).start()
             if self.config.server.tcp is not None:
                 await _tcp_site(api, self.config.server.tcp).start()
             if self.config.server.metrics is not None:
@@ -150,7 +187,9 @@ class Daemon:
 
 
 async def _start(stack: contextlib.AsyncExitStack, app: web.Application) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
     return runner
@@ -171,7 +210,7 @@ def _client_secret(provider: ProviderConfig) -> Secret | None:
 
 
 def _tcp_site(runner: web.AppRunner, listen: Listen) -> web.TCPSite:
-    return web.TCPSite(runner, listen.host, listen.port, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    return web.TCPSite(runner, listen.host, listen.port)
 
 
 def _text(listen: Listen | None) -> str | None:

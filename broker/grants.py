@@ -6,16 +6,19 @@ only after their commit (persist before publish).
 
 from __future__ import annotations
 
+import math
+import random
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import BadRequest, GrantNotFound, IdpError, ReauthRequired, TokenUnavailable
 from broker.idp.client import ProviderClient
+from broker.idp.http import MAX_CALL_SECONDS
 from broker.metrics import GrantGauges
 from broker.model import (
     PROVIDER_RE,
@@ -27,10 +30,17 @@ from broker.model import (
     TokenSet,
     grant_name,
 )
+from broker.refresher import Refresher
+from broker.schedule import RefreshPolicy, due_at, needs_refresh
 from broker.store.repository import GrantRepository
 
 # How long a caller should wait before asking again for a grant whose token has expired.
 RETRY_AFTER_SECONDS = 30
+# How long a caller waits for a refresh it needs; an admin's refresh may take the whole call.
+CALLER_WAIT_SECONDS = 10.0
+ADMIN_WAIT_SECONDS = MAX_CALL_SECONDS + 5
+# A token issued this recently is not refreshed again for a caller's min_ttl.
+MIN_REFRESH_INTERVAL = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +79,21 @@ class GrantService:
         repository: GrantRepository,
         providers: Mapping[str, ProviderConfig],
         clients: Mapping[str, ProviderClient] | None = None,
+        *,
+        cache: GrantCache | None = None,
+        refresher: Refresher | None = None,
+        policy: RefreshPolicy | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._repository = repository
         self._providers = providers
         self._clients = clients or {}
-        self._cache = GrantCache()
+        self._cache = cache if cache is not None else GrantCache()
+        self._refresher = refresher
+        self._policy = policy or RefreshPolicy()
+        self._clock = clock
+        self._rand = rand
 
     async def load(self) -> int:
         """Fill the cache from the store; how many grants it holds."""
@@ -81,14 +101,25 @@ class GrantService:
             self._cache.put(grant)
         return len(self._cache)
 
-    def token(self, provider: str, user: str, now: datetime) -> Grant:
-        """The grant whose access token may be served now, or the reason it may not."""
-        grant = self._cache.get(provider, user)
-        if grant is None:
-            raise GrantNotFound(f"no grant {grant_name(provider, user)}")
-        if grant.state is not GrantState.ACTIVE:
-            reason = grant.last_error or grant.state.value
-            raise ReauthRequired(f"grant {grant.name} needs a new login: {reason}")
+    async def token(self, provider: str, user: str, min_ttl: float = 0) -> Grant:
+        """The grant whose access token may be served now, or the reason it may not.
+
+        The steady state answers from memory. A token that has expired, or lives less than
+        `min_ttl`, waits for one refresh (shared with every other caller of this grant); when
+        that cannot help, a still-valid token is served anyway, and an expired one is refused
+        with a Retry-After.
+        """
+        grant = self._cached(provider, user)
+        now = self._clock()
+        if grant.tokens.access_token is not None and not needs_refresh(
+            grant.access_expires_at, now, min_ttl
+        ):
+            return grant
+        if self._may_refresh_for_caller(grant, now):
+            assert self._refresher is not None
+            await self._refresher.wait(grant, CALLER_WAIT_SECONDS)
+            grant = self._cached(provider, user)
+            now = self._clock()
         if grant.access_ttl(now) > 0:
             return grant
         if grant.tokens.refresh_token is None:
@@ -96,20 +127,79 @@ class GrantService:
                 f"grant {grant.name} has no refresh token and its access token expired; "
                 "log in again"
             )
+        retry_after = RETRY_AFTER_SECONDS
+        if grant.next_refresh_at is not None and grant.next_refresh_at > now:
+            retry_after = max(1, math.ceil((grant.next_refresh_at - now).total_seconds()))
         raise TokenUnavailable(
-            f"grant {grant.name} has no valid access token right now", RETRY_AFTER_SECONDS
+            f"grant {grant.name} has no valid access token right now"
+            + (f" ({grant.last_error})" if grant.last_error else ""),
+            retry_after,
         )
+
+    def _cached(self, provider: str, user: str) -> Grant:
+        grant = self._cache.get(provider, user)
+        if grant is None:
+            raise GrantNotFound(f"no grant {grant_name(provider, user)}")
+        if grant.state is not GrantState.ACTIVE:
+            reason = grant.last_error or grant.state.value
+            raise ReauthRequired(f"grant {grant.name} needs a new login: {reason}")
+        return grant
+
+    def _may_refresh_for_caller(self, grant: Grant, now: datetime) -> bool:
+        """Whether a caller may wait on a refresh: not in back-off, not just refreshed."""
+        if self._refresher is None or grant.tokens.refresh_token is None:
+            return False
+        in_backoff = grant.refresh_failures > 0 and (
+            grant.next_refresh_at is not None and grant.next_refresh_at > now
+        )
+        # A caller asking for more life than the provider gives must not refresh on every call.
+        just_issued = (
+            grant.access_ttl(now) > 0
+            and grant.access_issued_at is not None
+            and (now - grant.access_issued_at < MIN_REFRESH_INTERVAL)
+        )
+        return not in_backoff and not just_issued
+
+    async def refresh_now(self, provider: str, user: str) -> GrantSummary:
+        """Refresh a grant at once (admin); the grant as it stands afterwards."""
+        grant = self._cache.get(provider, user)
+        if grant is None:
+            raise GrantNotFound(f"no grant {grant_name(provider, user)}")
+        if grant.state is not GrantState.ACTIVE:
+            raise ReauthRequired(f"grant {grant.name} needs a new login: {grant.last_error}")
+        if grant.tokens.refresh_token is None:
+            raise BadRequest(f"grant {grant.name} has no refresh token to refresh with")
+        if self._refresher is None:
+            raise TokenUnavailable("the refresher is not running", RETRY_AFTER_SECONDS)
+        await self._refresher.wait(grant, ADMIN_WAIT_SECONDS)
+        return GrantSummary.of(self._cache.get(provider, user) or grant)
+
+    def _first_refresh(
+        self, tokens: TokenSet, expires_at: datetime | None, now: datetime
+    ) -> datetime | None:
+        """When a newly stored grant is first refreshed: never, now, or on schedule."""
+        if tokens.refresh_token is None:
+            return None
+        if tokens.access_token is None or expires_at is None:
+            return now
+        return due_at(now, expires_at, self._policy, self._rand())
+
+    def _stored(self, grant: Grant) -> None:
+        self._cache.put(grant)
+        if self._refresher is not None:
+            self._refresher.poke()
 
     async def summaries(self) -> list[GrantSummary]:
         """Every grant, without secrets, as the store has it."""
-        return [GrantSummary.of(grant) for grant in await self._repository.all()]
+        now = self._clock()
+        return [GrantSummary.of(grant, now) for grant in await self._repository.all()]
 
     async def summary(self, provider: str, user: str) -> GrantSummary:
         """One grant without secrets."""
         grant = await self._repository.get(provider, user)
         if grant is None:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
-        return GrantSummary.of(grant)
+        return GrantSummary.of(grant, self._clock())
 
     async def import_grant(self, request: Import, now: datetime) -> tuple[GrantSummary, bool]:
         """Store an imported grant; returns its summary and whether it is new."""
@@ -122,47 +212,71 @@ class GrantService:
         if request.access_token is None:
             expires_at = None
         tokens = TokenSet(refresh_token=request.refresh_token, access_token=request.access_token)
-        scopes = request.scope if request.scope is not None else provider.scopes
         existing = await self._repository.get(request.provider, request.user)
-        if existing is None:
-            fresh = Grant(
-                id="",
-                provider=request.provider,
-                user=request.user,
-                state=GrantState.ACTIVE,
-                generation=0,
-                tokens=tokens,
-                scopes=scopes,
-                access_expires_at=expires_at,
-            )
-            grant = await self._repository.insert(fresh, now)
-        elif request.force:
-            updated = replace(
-                existing,
-                state=GrantState.ACTIVE,
-                tokens=tokens,
-                scopes=scopes,
-                sub=None,
-                claims={},
-                access_expires_at=expires_at,
-                next_refresh_at=None,
-                last_error=None,
-            )
-            grant = await self._repository.replace_tokens(updated, existing.generation, now)
-        else:
+        if existing is not None and not request.force:
             raise BadRequest(
                 f"grant {existing.name} already exists; import with force to replace its tokens"
             )
-        self._cache.put(grant)
+        grant = await self._save(
+            existing,
+            request.provider,
+            request.user,
+            tokens=tokens,
+            scopes=request.scope if request.scope is not None else provider.scopes,
+            sub=None,
+            claims={},
+            token_type="Bearer",
+            expires_at=expires_at,
+            now=now,
+        )
         return GrantSummary.of(grant), existing is None
+
+    async def _save(
+        self,
+        existing: Grant | None,
+        provider: str,
+        user: str,
+        *,
+        tokens: TokenSet,
+        scopes: tuple[str, ...],
+        sub: str | None,
+        claims: dict[str, Any],
+        token_type: str,
+        expires_at: datetime | None,
+        now: datetime,
+    ) -> Grant:
+        """Store a new grant, or new tokens over an existing one (generation + 1); publish it."""
+        grant = Grant(
+            id="" if existing is None else existing.id,
+            provider=provider,
+            user=user,
+            state=GrantState.ACTIVE,
+            generation=0 if existing is None else existing.generation,
+            tokens=tokens,
+            sub=sub,
+            scopes=scopes,
+            token_type=token_type,
+            access_expires_at=expires_at,
+            access_issued_at=None if expires_at is None else now,
+            next_refresh_at=self._first_refresh(tokens, expires_at, now),
+            claims=claims,
+            created_at=None if existing is None else existing.created_at,
+        )
+        if existing is None:
+            stored = await self._repository.insert(grant, now)
+        else:
+            stored = await self._repository.replace_tokens(grant, existing.generation, now)
+        self._stored(stored)
+        return stored
 
     def gauges(self, now: datetime) -> GrantGauges:
         """Counts by provider and state, and the least access-token life per provider."""
         by_state: Counter[tuple[str, str]] = Counter()
         min_ttl: dict[str, float] = {}
         for grant in self._cache:
-            by_state[(grant.provider, grant.state.value)] += 1
-            if grant.state is GrantState.ACTIVE:
+            state = grant.effective_state(now)
+            by_state[(grant.provider, state.value)] += 1
+            if state is GrantState.ACTIVE:
                 ttl = grant.access_ttl(now)
                 min_ttl[grant.provider] = min(ttl, min_ttl.get(grant.provider, ttl))
         return GrantGauges(by_state=dict(by_state), min_ttl=min_ttl)
@@ -171,41 +285,23 @@ class GrantService:
         """Store a completed login; a grant held by another `sub` is replaced only with force."""
         self.check_address(result.provider, result.user)
         existing = await self._repository.get(result.provider, result.user)
-        if existing is None:
-            fresh = Grant(
-                id="",
-                provider=result.provider,
-                user=result.user,
-                state=GrantState.ACTIVE,
-                generation=0,
-                tokens=result.tokens,
-                sub=result.sub,
-                scopes=result.scopes,
-                token_type=result.token_type,
-                access_expires_at=result.access_expires_at,
-                claims=result.claims,
+        if existing is not None and existing.sub not in (None, result.sub) and not result.force:
+            raise BadRequest(
+                f"grant {existing.name} belongs to another account at the provider "
+                "(a different sub); log in with force to replace it"
             )
-            grant = await self._repository.insert(fresh, now)
-        else:
-            if existing.sub is not None and existing.sub != result.sub and not result.force:
-                raise BadRequest(
-                    f"grant {existing.name} belongs to another account at the provider "
-                    "(a different sub); log in with force to replace it"
-                )
-            updated = replace(
-                existing,
-                state=GrantState.ACTIVE,
-                tokens=result.tokens,
-                sub=result.sub,
-                scopes=result.scopes,
-                token_type=result.token_type,
-                claims=result.claims,
-                access_expires_at=result.access_expires_at,
-                next_refresh_at=None,
-                last_error=None,
-            )
-            grant = await self._repository.replace_tokens(updated, existing.generation, now)
-        self._cache.put(grant)
+        grant = await self._save(
+            existing,
+            result.provider,
+            result.user,
+            tokens=result.tokens,
+            scopes=result.scopes,
+            sub=result.sub,
+            claims=result.claims,
+            token_type=result.token_type,
+            expires_at=result.access_expires_at,
+            now=now,
+        )
         return GrantSummary.of(grant)
 
     async def revoke(self, provider: str, user: str) -> bool:

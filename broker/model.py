@@ -87,6 +87,12 @@ class Grant:
     last_error: str | None = None
     key_id: str | None = None
     claims: dict[str, object] = field(default_factory=dict)
+    access_issued_at: datetime | None = None
+    refresh_failures: int = 0
+    # Set, durably, just before this generation's refresh token is sent to the IdP; cleared
+    # when the outcome is stored. Found set at start-up, it means a refresh whose outcome is
+    # unknown (the previous process died mid-call).
+    intent_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -94,6 +100,16 @@ class Grant:
     def name(self) -> str:
         """`PROVIDER/USER`."""
         return grant_name(self.provider, self.user)
+
+    def effective_state(self, now: datetime) -> GrantState:
+        """The state callers see: an active grant with no refresh token dies with its token."""
+        if (
+            self.state is GrantState.ACTIVE
+            and self.tokens.refresh_token is None
+            and (self.access_ttl(now) <= 0)
+        ):
+            return GrantState.REAUTH_REQUIRED
+        return self.state
 
     def access_ttl(self, now: datetime) -> float:
         """Seconds the access token still lives at `now`; 0 when absent or expired."""
@@ -118,17 +134,22 @@ class GrantSummary:
     has_refresh_token: bool
 
     @classmethod
-    def of(cls, grant: Grant) -> GrantSummary:
-        """The summary of a stored grant."""
+    def of(cls, grant: Grant, now: datetime | None = None) -> GrantSummary:
+        """The summary of a stored grant, with the state callers see at `now` when given."""
         return cls(
             provider=grant.provider,
             user=grant.user,
             sub=grant.sub,
-            state=grant.state,
+            state=grant.state if now is None else grant.effective_state(now),
             scopes=grant.scopes,
             access_expires_at=grant.access_expires_at,
             next_refresh_at=grant.next_refresh_at,
             generation=grant.generation,
-            last_error=grant.last_error,
+            last_error=grant.last_error
+            or (
+                "the access token expired and there is no refresh token: log in again"
+                if now is not None and grant.effective_state(now) is not grant.state
+                else None
+            ),
             has_refresh_token=grant.tokens.refresh_token is not None,
         )

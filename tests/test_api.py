@@ -180,7 +180,7 @@ async def served_api(
     engine = create_engine(config.store.url)
     await upgrade(engine)
     repository = GrantRepository(engine, keyring)
-    service = GrantService(repository, config.providers)
+    service = GrantService(repository, config.providers, clock=clock)
     await service.load()
     metrics = Metrics(config.providers)
     metrics.watch_grants(lambda: service.gauges(clock()))
@@ -352,11 +352,11 @@ async def test_an_expired_grant_without_refresh_token_needs_reauth(
     """No refresh token and an expired access token: the service and the API say reauth (409)."""
     access = new_secret("at")
     await _insert_without_refresh_token(api, access, expires_in=60)
-    served = api.service.token("techniek", "carol", api.clock())
+    served = await api.service.token("techniek", "carol")
     assert served.tokens.access_token == Secret(access)  # still valid: served as usual
     api.clock.advance(60)
     with pytest.raises(ReauthRequired, match="no refresh token"):
-        api.service.token("techniek", "carol", api.clock())
+        await api.service.token("techniek", "carol")
     reply = await api.call("GET", "/v1/tokens/techniek/carol")
     body = assert_problem(reply, 409, "reauth_required")
     assert "log in again" in body["detail"]

@@ -15,13 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 import broker
 from broker.crypto import Keyring, write_keyring
-from broker.model import Grant, GrantState, Secret, TokenSet
 from broker.store.engine import create_engine
 from broker.store.migrate import current_revision, head_revision, upgrade
-from broker.store.repository import GrantRepository
 from tests.daemon import (
     Home,
     failed_start,
@@ -224,15 +223,20 @@ async def test_the_keyring_is_checked_before_any_migration_runs(
     engine = create_engine(home.store_url)
     try:
         await upgrade(engine, "0001")
-        grant = Grant(
-            id="",
-            provider="techniek",
-            user="alice",
-            state=GrantState.ACTIVE,
-            generation=0,
-            tokens=TokenSet(refresh_token=Secret(new_secret("rt"))),
+        # Written by hand in revision 0001's shape: today's repository writes newer columns.
+        now = datetime.now(UTC).replace(tzinfo=None)
+        sealed = home.keyring().seal(
+            new_secret("rt"), table="grants", row_id="row1", column="refresh_token"
         )
-        await GrantRepository(engine, home.keyring()).insert(grant, datetime.now(UTC))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO grants (id, provider, user_name, state, refresh_token, key_id,"
+                    " generation, created_at, updated_at) VALUES ('row1', 'techniek', 'alice',"
+                    " 'active', :sealed, :key_id, 1, :now, :now)"
+                ),
+                {"sealed": sealed, "key_id": home.keyring().primary, "now": now},
+            )
     finally:
         await engine.dispose()
     right_keys = home.keyring()

@@ -97,6 +97,7 @@ def build_app(
     app.router.add_post("/v1/grants", handlers.import_grant)
     app.router.add_get("/v1/grants/{provider}/{user}", handlers.get_grant)
     app.router.add_delete("/v1/grants/{provider}/{user}", handlers.revoke_grant)
+    app.router.add_post("/v1/grants/{provider}/{user}/refresh", handlers.refresh_grant)
     app.router.add_post("/v1/logins", handlers.start_login)
     app.router.add_get("/v1/logins/{login_id}", handlers.login_status)
     app.router.add_get("/healthz", handlers.healthz)

@@ -47,17 +47,16 @@ def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 async def get_token(request: web.Request) -> web.Response:
-    """GET /v1/tokens/{provider}/{user}: the access token, from memory."""
+    """GET /v1/tokens/{provider}/{user}: the access token, from memory in the steady state."""
     started = time.perf_counter()
     provider, user = request.match_info["provider"], request.match_info["user"]
     metrics = request.app[METRICS]
     try:
-        _min_ttl(request)
+        min_ttl = _min_ttl(request)
         caller = request[CALLER]
         if not caller.may_fetch(provider, user):
             raise Forbidden(f"caller {caller.name} may not fetch {provider}/{user}")
-        now = request.app[CLOCK]()
-        grant = request.app[SERVICE].token(provider, user, now)
+        grant = await request.app[SERVICE].token(provider, user, min_ttl or 0)
     except BrokerError as exc:
         _status, code, _title = classify(exc)
         outcome = OUTCOMES.get(code, "unavailable")
@@ -68,7 +67,7 @@ async def get_token(request: web.Request) -> web.Response:
     body = {
         "access_token": grant.tokens.access_token.reveal(),
         "token_type": grant.token_type,
-        "expires_in": int(grant.access_ttl(now)),
+        "expires_in": int(grant.access_ttl(request.app[CLOCK]())),
         "expires_at": rfc3339(grant.access_expires_at),
         "scope": " ".join(grant.scopes),
         "provider": grant.provider,
@@ -164,6 +163,15 @@ async def import_grant(request: web.Request) -> web.Response:
         request.app[CLOCK](),
     )
     return _json(summary_json(summary), status=201 if created else 200)
+
+
+async def refresh_grant(request: web.Request) -> web.Response:
+    """POST /v1/grants/{provider}/{user}/refresh: refresh now; the grant afterwards."""
+    _require_admin(request)
+    summary = await request.app[SERVICE].refresh_now(
+        request.match_info["provider"], request.match_info["user"]
+    )
+    return _json(summary_json(summary))
 
 
 async def revoke_grant(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,14 +58,17 @@ def parse_expires_in(value: object) -> int | None:
     """expires_in as whole seconds; None when absent; numeric strings are accepted."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        # float(), not int(): int() refuses "²" and strings of more than 4300 digits.
+        value = float(value)
+    # JSON also carries NaN and Infinity (1e400), which int() cannot convert.
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise IdpAmbiguous("the token endpoint sent an expires_in that is not a number")
-    seconds = int(value)
-    if not 0 < seconds <= MAX_LIFETIME:
-        raise IdpAmbiguous(f"the token endpoint sent expires_in={seconds}, outside 1..10 years")
-    return seconds
+    if not 1 <= value < MAX_LIFETIME + 1:
+        raise IdpAmbiguous(
+            f"the token endpoint sent expires_in={value!r:.24}, outside 1 second..10 years"
+        )
+    return int(value)
 
 
 def error_for(response: HttpResponse) -> IdpError:
@@ -95,7 +99,7 @@ def error_for(response: HttpResponse) -> IdpError:
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the limit
         return None
     return data if isinstance(data, dict) else None
 
@@ -115,3 +119,23 @@ def _clean(text: str, limit: int) -> str:
         ch if unicodedata.category(ch)[0] not in "C" else " " for ch in text
     ).strip()
     return printable if len(printable) <= limit else printable[: limit - 1] + "…"
+
+
+def access_token_in_claim(claims: Mapping[str, Any], claim: str) -> tuple[Secret, str, int | None]:
+    """The access token, its type and lifetime from an ID token claim (netID's shape).
+
+    The claim holds {"access_token", "token_type", "expires_in"}; anything else is an IdpError
+    that names the claim.
+    """
+    value = claims.get(claim)
+    if not isinstance(value, Mapping):
+        raise IdpError(f"the ID token has no {claim} claim holding an access token")
+    token = value.get("access_token")
+    if not isinstance(token, str) or not token or any(ch.isspace() for ch in token):
+        raise IdpError(f"the ID token's {claim} claim has no usable access_token")
+    token_type = str(value.get("token_type", "Bearer"))
+    try:
+        expires_in = parse_expires_in(value.get("expires_in"))
+    except IdpError:
+        raise IdpError(f"the ID token's {claim} claim has an invalid expires_in") from None
+    return Secret(token), "Bearer" if token_type.lower() == "bearer" else token_type, expires_in

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, inspect, select, update
+from sqlalchemy import Row, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring
@@ -22,9 +22,18 @@ from broker.errors import ConflictError, DecryptError
 from broker.model import Grant, GrantState, Secret, TokenSet
 from broker.store.engine import writer
 from broker.store.sealing import Sealer
-from broker.store.tables import GRANT_SEALED_COLUMNS, grants
+from broker.store.tables import GRANT_SEALED_COLUMNS, UTCDateTime, grants
 
 _TOKEN_COLUMNS = ("refresh_token", "access_token", "id_token")
+
+
+@dataclass(frozen=True, slots=True)
+class DueGrant:
+    """A grant the schedule loop should refresh now."""
+
+    id: str
+    provider: str
+    next_refresh_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,173 @@ class GrantRepository:
             result = await conn.execute(delete(grants).where(grants.c.id == grant_id))
         return result.rowcount == 1
 
+    # -- the refresher: schedule, leases, intent, compare-and-swap commits -------------------
+    #
+    # A refresh owns its grant through a lease: `claim` sets lease_owner and a deadline by
+    # compare-and-swap, only when no live lease exists. Every later write is guarded by
+    # `lease_owner = me AND generation = g`, so a process whose lease was taken over (or
+    # whose generation is stale) can change nothing: the generation is the fencing token.
+
+    async def due(self, now: datetime, limit: int) -> list[DueGrant]:
+        """Active grants whose refresh time has come and that nobody holds a live lease on."""
+        query = (
+            select(grants.c.id, grants.c.provider, grants.c.next_refresh_at)
+            .where(
+                grants.c.state == GrantState.ACTIVE.value,
+                # An open intent is due at once: a refresh with an unknown outcome.
+                or_(grants.c.next_refresh_at <= now, grants.c.intent_at.is_not(None)),
+                or_(grants.c.lease_owner.is_(None), grants.c.lease_expires_at < now),
+            )
+            .order_by(grants.c.next_refresh_at)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [DueGrant(row.id, row.provider, row.next_refresh_at) for row in rows]
+
+    async def next_due_at(self) -> datetime | None:
+        """The earliest refresh time among active grants (the schedule loop sleeps until it)."""
+        query = select(func.min(grants.c.next_refresh_at)).where(
+            grants.c.state == GrantState.ACTIVE.value
+        )
+        async with self._engine.connect() as conn:
+            value: datetime | None = (await conn.execute(query)).scalar_one()
+        return UTCDateTime().process_result_value(value, self._engine.dialect)
+
+    async def changed_since(self, moment: datetime) -> list[Grant]:
+        """Grants written at or after `moment` (by this process or another), opened."""
+        query = select(grants).where(grants.c.updated_at >= moment)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [self._open(row) for row in rows]
+
+    async def ids(self) -> set[str]:
+        """Every grant's row id (to notice deletions made by another process)."""
+        async with self._engine.connect() as conn:
+            return set((await conn.execute(select(grants.c.id))).scalars().all())
+
+    async def claim(
+        self, grant_id: str, owner: str, now: datetime, until: datetime
+    ) -> Grant | None:
+        """Take the lease on an active grant; its current row, or None when someone holds it."""
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(grants)
+                .where(
+                    grants.c.id == grant_id,
+                    grants.c.state == GrantState.ACTIVE.value,
+                    or_(
+                        grants.c.lease_owner.is_(None),
+                        grants.c.lease_expires_at < now,
+                        grants.c.lease_owner == owner,
+                    ),
+                )
+                .values(lease_owner=owner, lease_expires_at=until)
+            )
+            if result.rowcount != 1:
+                return None
+            row = (await conn.execute(select(grants).where(grants.c.id == grant_id))).one()
+        return self._open(row)
+
+    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
+        """Record, durably, that this generation's refresh token is about to be sent."""
+        await self._guarded(grant_id, generation, owner, {"intent_at": now})
+
+    async def commit_refresh(
+        self, grant: Grant, expected_generation: int, owner: str, now: datetime
+    ) -> Grant:
+        """Store a successful refresh: new tokens, generation + 1, intent and lease cleared."""
+        new = replace(grant, generation=expected_generation + 1, updated_at=now, intent_at=None)
+        values = {**self._plain_values(new), **self._sealed_values(new)}
+        for fixed in ("id", "created_at"):
+            values.pop(fixed)
+        await self._guarded(
+            grant.id,
+            expected_generation,
+            owner,
+            {**values, "lease_owner": None, "lease_expires_at": None},
+        )
+        return replace(new, key_id=values["key_id"])
+
+    async def settle(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        *,
+        state: GrantState,
+        last_error: str | None,
+        next_refresh_at: datetime | None,
+        refresh_failures: int,
+    ) -> Grant:
+        """Store a refresh that produced no tokens; the tokens themselves stay untouched."""
+        changes: dict[str, Any] = {
+            "state": state.value,
+            "last_error": last_error,
+            "next_refresh_at": next_refresh_at,
+            "refresh_failures": refresh_failures,
+            "intent_at": None,
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        await self._guarded(grant.id, grant.generation, owner, changes)
+        return replace(
+            grant,
+            state=state,
+            last_error=last_error,
+            next_refresh_at=next_refresh_at,
+            refresh_failures=refresh_failures,
+            intent_at=None,
+            updated_at=now,
+        )
+
+    async def lease_owners(self) -> set[str]:
+        """Everyone holding a lease right now (live or not)."""
+        query = select(grants.c.lease_owner).where(grants.c.lease_owner.is_not(None)).distinct()
+        async with self._engine.connect() as conn:
+            return {str(owner) for owner in (await conn.execute(query)).scalars().all()}
+
+    async def break_leases(self, owners: set[str]) -> int:
+        """Drop the leases of owners known to be dead; their intents stay for recovery."""
+        if not owners:
+            return 0
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(grants)
+                .where(grants.c.lease_owner.in_(owners))
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+        return int(result.rowcount)
+
+    async def release(self, grant_id: str, owner: str) -> None:
+        """Give up a lease without changing anything else."""
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                update(grants)
+                .where(grants.c.id == grant_id, grants.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    async def _guarded(
+        self, grant_id: str, generation: int, owner: str, values: dict[str, Any]
+    ) -> None:
+        query = (
+            update(grants)
+            .where(
+                grants.c.id == grant_id,
+                grants.c.generation == generation,
+                grants.c.lease_owner == owner,
+            )
+            .values(**values)
+        )
+        async with self._writer.begin() as conn:
+            result = await conn.execute(query)
+        if result.rowcount != 1:
+            raise ConflictError(
+                f"grant row {grant_id} is no longer at generation {generation} under this lease"
+            )
+
     # -- keys -------------------------------------------------------------------------------
 
     async def key_usage(self) -> list[KeyUsage]:
@@ -196,6 +372,9 @@ class GrantRepository:
             "last_error": grant.last_error,
             "created_at": grant.created_at,
             "updated_at": grant.updated_at,
+            "access_issued_at": grant.access_issued_at,
+            "refresh_failures": grant.refresh_failures,
+            "intent_at": grant.intent_at,
         }
 
     def _sealed_values(self, grant: Grant) -> dict[str, Any]:
@@ -253,6 +432,9 @@ class GrantRepository:
             claims=json.loads(claims_text) if claims_text else {},
             created_at=m["created_at"],
             updated_at=m["updated_at"],
+            access_issued_at=m["access_issued_at"],
+            refresh_failures=m["refresh_failures"],
+            intent_at=m["intent_at"],
         )
 
 

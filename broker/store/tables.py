@@ -79,9 +79,17 @@ grants = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The refresher's bookkeeping (migration 0003): when the access token was issued, how many
+    # transient failures in a row, the durable intent record, and the ownership lease.
+    Column("access_issued_at", UTCDateTime, nullable=True),
+    Column("refresh_failures", Integer, nullable=False, server_default="0"),
+    Column("intent_at", UTCDateTime, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
     UniqueConstraint("provider", "user_name"),
     Index(None, "next_refresh_at"),
     Index(None, "key_id"),
+    Index(None, "updated_at"),
 )
 
 # Logins in progress. The state is kept only as its SHA-256; nonce and PKCE verifier are sealed

@@ -1,0 +1,510 @@
+"""The refresher: proactive refresh with strict, crash-safe refresh-token rotation.
+
+Read this against ROTATION.md; each step names the invariant it keeps.
+
+One refresh of one grant (`_refresh`):
+
+1. Single flight (1). Within this process a grant has at most one refresh task; callers that
+   need it await the task through `asyncio.shield`, so a caller that gives up never cancels
+   the IdP call. Across processes sharing the store, the task first *claims the grant's lease*
+   by compare-and-swap (`claim`): it succeeds only when no other owner holds a live lease.
+   The lease outlives the longest possible IdP call (`LEASE` > `MAX_CALL_SECONDS`), and every
+   later write is guarded by `lease_owner = me AND generation = g`: the generation fences off
+   a process that lost its lease.
+2. Intent before send (4). `mark_sent` commits `intent_at` before the refresh token leaves.
+   A process that dies after this point leaves the intent behind; whoever claims the grant
+   next sees it and treats the refresh as one whose outcome is unknown.
+3. The call's outcome is classified by `broker.idp` (never sent / rejected / ambiguous) and
+   turned into a decision by `broker.schedule.decide`:
+   - success: one compare-and-swap writes the new refresh token, access token, expiry and
+     generation + 1, and clears intent and lease; only then does the cache (and so any
+     caller) see the new access token (2, persist before publish);
+   - terminal (invalid_grant, invalid_client, unauthorized_client): reauth_required with the
+     reason; the old access token is still served until it really expires (5);
+   - transient (the request never reached the IdP, 429, a non-terminal OAuth error): nothing
+     is deleted; the next attempt is scheduled with exponential, jittered back-off that
+     honours Retry-After (5);
+   - ambiguous (read timeout, reset after send, 5xx, an unusable 200): the same refresh token
+     is presented again only while `now < first send + refresh_grace` (3); outside the grace,
+     or when there is none, the grant becomes reauth_required with reason rotation_lost and
+     rotation_recoveries_total{outcome="lost"} counts it (4, 7). Replays are bounded by the
+     grace window: nothing ever loops on a spent token.
+4. Refresh ahead of need (6): after a success the next refresh is scheduled at
+   `lifetime_fraction` of the new token's life, no later than `min_margin` before expiry,
+   with jitter; the schedule loop starts due refreshes with at most `max_concurrency` in
+   flight per provider.
+
+The schedule loop (`run`) asks the store for due grants through an index, sleeps until the
+next due time (at most `POLL` seconds, to notice other processes' writes), and reloads grants
+that changed in the store into the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import structlog
+
+from broker.cache import GrantCache
+from broker.config import ProviderConfig
+from broker.errors import ConflictError, IdpAmbiguous, IdpError, IdpRejected
+from broker.idp.client import ProviderClient
+from broker.idp.http import MAX_CALL_SECONDS
+from broker.idp.tokens import TokenResponse, access_token_in_claim
+from broker.metrics import Metrics
+from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.schedule import (
+    ROTATION_LOST,
+    Decision,
+    Outcome,
+    RefreshPolicy,
+    backoff,
+    decide,
+    due_at,
+    replay_delay,
+)
+from broker.store.repository import GrantRepository
+from broker.tasks import Tasks
+
+# The lease must outlive the longest IdP call, or a second owner could start while the first
+# is still waiting for its answer.
+LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
+POLL = timedelta(seconds=1)
+STALL_AFTER = timedelta(seconds=30)
+DUE_BATCH = 256
+# When a provider omits expires_in, assume a short life rather than serve an expired token.
+ASSUMED_LIFETIME = 300
+log = structlog.get_logger("broker.refresher")
+
+
+def owner_id() -> str:
+    """A lease owner name unique to this process incarnation: host/pid/random."""
+    return f"{socket.gethostname()[:40]}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+def dead_here(owner: str) -> bool:
+    """Whether `owner` names a process on this host that no longer runs.
+
+    A broker restarted after a crash must not wait for its predecessor's leases to expire:
+    by then a provider's refresh_grace may have passed and an interrupted rotation be lost.
+    Owners on other hosts cannot be checked and keep their leases until they expire.
+    """
+    host, _, rest = owner.partition("/")
+    pid_text = rest.partition("/")[0]
+    if host != socket.gethostname()[:40] or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another uid
+    return False
+
+
+class Refresher:
+    """Keeps every active grant's access token fresh; the only code that spends refresh tokens."""
+
+    def __init__(
+        self,
+        repository: GrantRepository,
+        *,
+        cache: GrantCache,
+        clients: Mapping[str, ProviderClient],
+        providers: Mapping[str, ProviderConfig],
+        policy: RefreshPolicy,
+        max_concurrency: int,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+        rand: Callable[[], float] = random.random,
+        owner: str | None = None,
+    ) -> None:
+        self._repository = repository
+        self._cache = cache
+        self._clients = clients
+        self._providers = providers
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+        self._rand = rand
+        self.owner = owner or owner_id()
+        self._limits = {name: asyncio.Semaphore(max_concurrency) for name in providers}
+        self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
+        self._cooldown: dict[str, datetime] = {}
+        self._tasks = Tasks()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self.heartbeat: datetime | None = None
+
+    # -- single flight ---------------------------------------------------------------------
+
+    def refresh(self, grant: Grant) -> asyncio.Task[Grant | None]:
+        """The one task refreshing `grant` in this process, started if none is running."""
+        task = self._inflight.get(grant.id)
+        if task is None:
+            task = self._tasks.spawn(
+                self._refresh(grant.id, grant.provider), f"refresh {grant.name}"
+            )
+            self._inflight[grant.id] = task
+            task.add_done_callback(lambda done: self._forget(grant.id, done))
+        return task
+
+    async def wait(self, grant: Grant, seconds: float) -> Grant | None:
+        """Refresh `grant` and wait at most `seconds`; giving up never cancels the call."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.refresh(grant)), seconds)
+        except TimeoutError:
+            return None
+
+    def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
+        if self._inflight.get(grant_id) is task:
+            del self._inflight[grant_id]
+
+    # -- the schedule loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh grants as they come due, until cancelled."""
+        watermark = self._clock() - POLL
+        last_sweep = 0.0
+        while True:
+            now = self._clock()
+            self.heartbeat = now
+            try:
+                watermark = await self._sync(watermark, now)
+                if time.monotonic() - last_sweep > 10:
+                    await self._sweep_deleted()
+                    last_sweep = time.monotonic()
+                await self._start_due(now)
+                delay = await self._sleep_for(now)
+            except Exception:  # the loop must outlive a bad moment of the store
+                log.exception("refresh_loop_error")
+                delay = POLL.total_seconds()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _sync(self, watermark: datetime, now: datetime) -> datetime:
+        """Load grants written since `watermark` (by anyone) into the cache."""
+        for grant in await self._repository.changed_since(watermark):
+            self._cache.put(grant)
+        # Overlap a little: a write committed with an earlier timestamp than ours.
+        return now - POLL
+
+    async def _sweep_deleted(self) -> None:
+        ids = await self._repository.ids()
+        for grant in self._cache:
+            if grant.id not in ids:
+                self._cache.drop(grant.provider, grant.user)
+
+    async def _start_due(self, now: datetime) -> None:
+        for due in await self._repository.due(now, DUE_BATCH):
+            if due.id in self._inflight or due.provider not in self._limits:
+                continue
+            if self._cooldown.get(due.id, now) > now:
+                continue
+            grant = self._cache.by_id(due.id)
+            if grant is None:  # written by another process since the last sync
+                grant = await self._repository.get_by_id(due.id)
+                if grant is None:
+                    continue
+                self._cache.put(grant)
+            self.refresh(grant)
+
+    async def _sleep_for(self, now: datetime) -> float:
+        next_due = await self._repository.next_due_at()
+        if next_due is None:
+            return POLL.total_seconds()
+        return max(0.0, min((next_due - now).total_seconds(), POLL.total_seconds()))
+
+    def poke(self) -> None:
+        """Wake the loop now (a grant was stored or changed)."""
+        self._wake.set()
+
+    async def recover(self) -> int:
+        """Start finishing refreshes that dead processes left with an unknown outcome.
+
+        Leases of dead processes on this host are broken first, so recovery happens now,
+        inside the provider's grace, not after the leases expire.
+        """
+        dead = {owner for owner in await self._repository.lease_owners() if dead_here(owner)}
+        if await self._repository.break_leases(dead):
+            log.warning("broke_dead_leases", owners=len(dead))
+        pending = [grant for grant in self._cache if grant.intent_at is not None]
+        if pending:
+            log.warning("recovering_refreshes", grants=len(pending))
+        for grant in pending:
+            self.refresh(grant)
+        return len(pending)
+
+    def start(self) -> None:
+        """Start the schedule loop."""
+        self._loop = self._tasks.spawn(self.run(), "refresh loop")
+
+    def stalled(self, now: datetime) -> str | None:
+        """Why the schedule loop is not healthy, or None."""
+        if self._loop is None or self._loop.done():
+            return "the schedule loop is not running"
+        if self.heartbeat is None or now - self.heartbeat > STALL_AFTER:
+            return "the schedule loop has not run for a while"
+        return None
+
+    async def stop(self) -> None:
+        """Stop scheduling; let refreshes in flight finish (bounded), then cancel the rest.
+
+        Cancelling a refresh mid-call would leave its outcome unknown, which, for a provider
+        without refresh_grace, costs the grant at the next start; so they get their time.
+        """
+        if self._loop is not None:
+            self._loop.cancel()
+        inflight = list(self._inflight.values())
+        if inflight:
+            log.info("waiting_for_refreshes", count=len(inflight))
+            await asyncio.wait(inflight, timeout=MAX_CALL_SECONDS + 5)
+        await self._tasks.cancel_all()
+
+    # -- one refresh -----------------------------------------------------------------------
+
+    async def _refresh(self, grant_id: str, provider: str) -> Grant | None:
+        async with self._limits[provider]:
+            now = self._clock()
+            grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
+            if grant is None:
+                return await self._reload(grant_id)
+            try:
+                result = await self._rotate(grant)
+            except (asyncio.CancelledError, ConflictError):
+                # Cancelled at shutdown, or fenced off: leave any intent for recovery.
+                await self._release(grant)
+                raise
+            except Exception:
+                log.exception("refresh_failed_unexpectedly", grant=grant.name)
+                self._cooldown[grant.id] = self._clock() + backoff(
+                    grant.refresh_failures + 1, self._policy, self._rand()
+                )
+                await self._release(grant)
+                return None
+            self._cooldown.pop(grant.id, None)
+            self._cache.put(result)
+            return result
+
+    async def _reload(self, grant_id: str) -> Grant | None:
+        """Another owner holds the lease: pick up whatever it stores."""
+        grant = await self._repository.get_by_id(grant_id)
+        if grant is not None:
+            self._cache.put(grant)
+        return grant
+
+    async def _release(self, grant: Grant) -> None:
+        try:
+            await asyncio.shield(self._repository.release(grant.id, self.owner))
+        except Exception:  # noqa: BLE001 - the lease expires by itself
+            log.warning("lease_release_failed", grant=grant.name)
+
+    async def _rotate(self, grant: Grant) -> Grant:
+        refresh_token = grant.tokens.refresh_token
+        if refresh_token is None:
+            # Nothing to spend: served until expiry, then the grant needs a login.
+            return await self._settle(grant, grant.state, None, None, 0)
+        client = self._clients[grant.provider]
+        grace = self._providers[grant.provider].refresh_grace
+        recovering = grant.intent_at is not None
+        if grant.intent_at is None:
+            first_sent = self._clock()
+            await self._repository.mark_sent(grant.id, grant.generation, self.owner, first_sent)
+        else:
+            first_sent = grant.intent_at
+            log.warning("refresh_outcome_unknown", grant=grant.name, generation=grant.generation)
+        if (
+            recovering
+            and decide(Outcome.AMBIGUOUS, now=self._clock(), first_sent_at=first_sent, grace=grace)
+            is Decision.LOST
+        ):
+            return await self._lost(
+                grant, "a refresh was cut short and the provider's refresh_grace has passed"
+            )
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            outcome, error, response = await self._call(client, grant)
+            self._count(grant, outcome, time.perf_counter() - started, attempt)
+            now = self._clock()
+            if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):
+                # Unknown again (or a replay did not get through): replay while grace lasts.
+                recovering = True
+                decision = decide(Outcome.AMBIGUOUS, now=now, first_sent_at=first_sent, grace=grace)
+                if decision is Decision.LOST:
+                    return await self._lost(grant, str(error))
+                await self._extend(grant)
+                await asyncio.sleep(replay_delay(attempt).total_seconds())
+                continue
+            return await self._conclude(
+                grant,
+                outcome=outcome,
+                error=error,
+                response=response,
+                recovering=recovering,
+                now=now,
+            )
+
+    async def _conclude(
+        self,
+        grant: Grant,
+        *,
+        outcome: Outcome,
+        error: Exception | None,
+        response: TokenResponse | None,
+        recovering: bool,
+        now: datetime,
+    ) -> Grant:
+        """Store a known outcome: new tokens, re-authentication, or a back-off."""
+        if outcome is Outcome.SUCCESS:
+            assert response is not None
+            if recovering:
+                self._metrics.rotation_recoveries.labels(grant.provider, "recovered").inc()
+            return await self._commit(grant, response, now)
+        if outcome is Outcome.TERMINAL:
+            if recovering:  # the replay was refused: the rotation happened and is lost
+                return await self._lost(grant, str(error))
+            return await self._settle(
+                grant, GrantState.REAUTH_REQUIRED, str(error), None, grant.refresh_failures
+            )
+        failures = grant.refresh_failures + 1
+        retry_after = error.retry_after if isinstance(error, IdpError) else None
+        delay = backoff(failures, self._policy, self._rand(), retry_after)
+        return await self._settle(grant, GrantState.ACTIVE, str(error), now + delay, failures)
+
+    async def _call(
+        self, client: ProviderClient, grant: Grant
+    ) -> tuple[Outcome, Exception | None, TokenResponse | None]:
+        assert grant.tokens.refresh_token is not None
+        try:
+            response = await client.refresh(grant.tokens.refresh_token)
+        except IdpRejected as exc:
+            return (Outcome.TERMINAL if exc.terminal else Outcome.TRANSIENT), exc, None
+        except IdpAmbiguous as exc:
+            return Outcome.AMBIGUOUS, exc, None
+        except IdpError as exc:
+            return Outcome.TRANSIENT, exc, None
+        return Outcome.SUCCESS, None, response
+
+    def _count(self, grant: Grant, outcome: Outcome, seconds: float, attempt: int) -> None:
+        self._metrics.refresh.labels(grant.provider, outcome.value).inc()
+        self._metrics.refresh_duration.labels(grant.provider).observe(seconds)
+        log.info(
+            "refresh",
+            grant=grant.name,
+            generation=grant.generation,
+            outcome=outcome.value,
+            attempt=attempt,
+            duration_ms=round(seconds * 1000, 1),
+        )
+
+    async def _commit(self, grant: Grant, response: TokenResponse, now: datetime) -> Grant:
+        """Store a successful refresh (the only place a new refresh token is written)."""
+        config = self._providers[grant.provider]
+        refresh_token = response.refresh_token
+        if refresh_token is None and not config.rotates_refresh_tokens:
+            refresh_token = grant.tokens.refresh_token
+        elif refresh_token is None:
+            log.warning(
+                "no_new_refresh_token",
+                grant=grant.name,
+                detail="the provider rotates but sent no refresh token; the grant will need a "
+                "login when this access token expires",
+            )
+        problem: str | None = None
+        try:
+            access_token, token_type, expires_in = await self._access_token(grant, response, now)
+        except IdpError as exc:
+            # The new refresh token is in hand and must be kept whatever else is wrong.
+            problem = f"the refresh response carries no usable access token: {exc}"
+            log.warning("refresh_without_access_token", grant=grant.name, reason=str(exc))
+        if problem is None:
+            tokens = TokenSet(
+                refresh_token, access_token, response.id_token or grant.tokens.id_token
+            )
+            issued_at: datetime | None = now
+            expires_at = now + timedelta(seconds=expires_in or ASSUMED_LIFETIME)
+        else:
+            tokens = TokenSet(refresh_token, grant.tokens.access_token, grant.tokens.id_token)
+            issued_at, expires_at = grant.access_issued_at, grant.access_expires_at or now
+            token_type = grant.token_type
+        new = replace(
+            grant,
+            tokens=tokens,
+            token_type=token_type,
+            scopes=response.scope or grant.scopes,
+            access_issued_at=issued_at,
+            access_expires_at=expires_at,
+            next_refresh_at=(
+                None
+                if refresh_token is None
+                else due_at(issued_at or now, expires_at, self._policy, self._rand())
+            ),
+            last_error=problem,
+            refresh_failures=0,
+        )
+        return await self._repository.commit_refresh(new, grant.generation, self.owner, now)
+
+    async def _access_token(
+        self, grant: Grant, response: TokenResponse, now: datetime
+    ) -> tuple[Secret, str, int | None]:
+        """The new access token: from the response, or from a claim of its validated ID token."""
+        claim = self._providers[grant.provider].access_token_from.claim
+        if claim is None:
+            if response.access_token is None:
+                raise IdpError("the refresh response has no access_token")
+            return response.access_token, response.token_type, response.expires_in
+        if response.id_token is None:
+            raise IdpError(f"the refresh response has no ID token carrying {claim}")
+        claims = await self._clients[grant.provider].check_id_token(
+            response.id_token, nonce=None, now=now
+        )
+        return access_token_in_claim(claims, claim)
+
+    async def _lost(self, grant: Grant, reason: str) -> Grant:
+        self._metrics.rotation_recoveries.labels(grant.provider, "lost").inc()
+        log.error("rotation_lost", grant=grant.name, generation=grant.generation, reason=reason)
+        return await self._settle(
+            grant,
+            GrantState.REAUTH_REQUIRED,
+            f"{ROTATION_LOST}: {reason}",
+            None,
+            grant.refresh_failures,
+        )
+
+    async def _settle(
+        self,
+        grant: Grant,
+        state: GrantState,
+        error: str | None,
+        next_refresh_at: datetime | None,
+        failures: int,
+    ) -> Grant:
+        return await self._repository.settle(
+            grant,
+            self.owner,
+            self._clock(),
+            state=state,
+            last_error=error,
+            next_refresh_at=next_refresh_at,
+            refresh_failures=failures,
+        )
+
+    async def _extend(self, grant: Grant) -> None:
+        now = self._clock()
+        if await self._repository.claim(grant.id, self.owner, now, now + LEASE) is None:
+            raise ConflictError(f"lost the lease on {grant.name} while replaying")
