@@ -138,7 +138,7 @@ class ProviderClient:
         )
         response = await send(self._session, "POST", url, data=body, headers=headers)
         if response.status != 200:
-            raise error_for(response)
+            raise error_for(response, "the revocation endpoint")
         return True
 
     async def check_id_token(
@@ -185,7 +185,7 @@ class ProviderClient:
             raise IdpError(f"{jwks_uri} answered {response.status}")
         try:
             return KeySet.import_key_set(json.loads(response.body))
-        except (ValueError, JoseError, TypeError, KeyError):
+        except (ValueError, RecursionError, JoseError, TypeError, KeyError):
             raise IdpError(f"{jwks_uri} is not a usable JWK set") from None
 
     async def _token_call(self, form: dict[str, str]) -> TokenResponse:

@@ -3,7 +3,8 @@
 Whether a failed token request may have been processed decides whether the refresh token it
 carried may still be unspent (ROTATION.md, invariant 4):
 
-    never sent:  connection refused, DNS, TLS handshake, connect timeout   -> IdpUnreachable
+    never sent:  connection refused, DNS, TLS handshake, connect timeout,
+                 a URL aiohttp refuses to send to                          -> IdpUnreachable
     maybe seen:  read timeout, reset or disconnect after sending,
                  an overall timeout, a truncated body                      -> IdpAmbiguous
 
@@ -73,6 +74,9 @@ async def send(
         ) as response:
             body = await _read_capped(response)
             return HttpResponse(response.status, dict(response.headers), body)
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
+        # Refused before any connection; its text is the whole URL, query string included.
+        raise IdpUnreachable(f"{where} is not a URL the broker can send to") from None
     except aiohttp.ClientConnectorError as exc:
         raise IdpUnreachable(f"cannot connect to {where}: {_reason(exc)}") from None
     except aiohttp.ConnectionTimeoutError:
@@ -80,7 +84,8 @@ async def send(
     except aiohttp.SocketTimeoutError:
         raise IdpAmbiguous(f"{where} did not answer in time after the request was sent") from None
     except TimeoutError:
-        raise IdpAmbiguous(f"the call to {where} took longer than {TIMEOUT.total}s") from None
+        limit = session.timeout.total
+        raise IdpAmbiguous(f"the call to {where} took longer than {limit}s") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise IdpAmbiguous(
             f"the connection to {where} failed after sending: {_reason(exc)}"
@@ -106,4 +111,8 @@ def _where(url: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Raised for a response that is not valid HTTP; its text names the full URL (query
+        # string included) and echoes the server's bytes.
+        return f"{type(exc).__name__}: the response is not valid HTTP"
     return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"

@@ -48,7 +48,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
         raise IdpError(f"{url} answered {response.status}", retry_after=response.retry_after())
     try:
         document = json.loads(response.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested past the limit
         raise IdpError(f"{url} is not JSON") from None
     if not isinstance(document, dict):
         raise IdpError(f"{url} is not a JSON object")
@@ -87,8 +87,11 @@ async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> 
         if not isinstance(found.get(required), str):
             raise IdpError(f"provider {provider.name} has no {required}; set it in the config")
     algorithms = found.get("id_token_signing_alg_values_supported")
+    # ID tokens carry the issuer as discovery spells it, which was checked above to equal the
+    # config's up to a trailing slash: a config written with one must still match them.
+    confirmed = _str(found.get("issuer")) if provider.issuer is not None else None
     return ProviderMetadata(
-        issuer=provider.issuer,
+        issuer=confirmed or provider.issuer,
         authorization_endpoint=found["authorization_endpoint"],
         token_endpoint=found["token_endpoint"],
         revocation_endpoint=_str(found.get("revocation_endpoint")),

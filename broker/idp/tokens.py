@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def parse_expires_in(value: object) -> int | None:
         # float(), not int(): int() refuses "²" and strings of more than 4300 digits.
         value = float(value)
     # JSON also carries NaN and Infinity (1e400), which int() cannot convert.
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if isinstance(value, bool) or not isinstance(value, int | float) or _is_nan(value):
         raise IdpAmbiguous("the token endpoint sent an expires_in that is not a number")
     if not 1 <= value < MAX_LIFETIME + 1:
         raise IdpAmbiguous(
@@ -71,8 +72,12 @@ def parse_expires_in(value: object) -> int | None:
     return int(value)
 
 
-def error_for(response: HttpResponse) -> IdpError:
-    """The IdpError a non-200 token response stands for."""
+def _is_nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def error_for(response: HttpResponse, endpoint: str = "the token endpoint") -> IdpError:
+    """The IdpError a non-200 answer from a token (or revocation) endpoint stands for."""
     retry_after = response.retry_after()
     data = _json_object(response.body)
     error = data.get("error") if data else None
@@ -86,12 +91,10 @@ def error_for(response: HttpResponse) -> IdpError:
         )
     if response.status >= 500:
         # A gateway error or a crash: the IdP may have processed the request before failing.
-        return IdpAmbiguous(
-            f"the token endpoint answered {response.status}", retry_after=retry_after
-        )
+        return IdpAmbiguous(f"{endpoint} answered {response.status}", retry_after=retry_after)
     shape = "JSON" if data is not None else (response.content_type or "an empty body")
     return IdpError(
-        f"the token endpoint answered {response.status} with {shape} and no OAuth error",
+        f"{endpoint} answered {response.status} with {shape} and no OAuth error",
         retry_after=retry_after,
     )
 
