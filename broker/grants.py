@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
-from broker.errors import BadRequest, GrantNotFound, IdpError, ReauthRequired, TokenUnavailable
+from broker.errors import (
+    BadRequest,
+    GrantNotFound,
+    IdpError,
+    IdpRejected,
+    ReauthRequired,
+    TokenUnavailable,
+)
 from broker.idp.client import ProviderClient
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.metrics import GrantGauges
@@ -41,6 +50,7 @@ CALLER_WAIT_SECONDS = 10.0
 ADMIN_WAIT_SECONDS = MAX_CALL_SECONDS + 5
 # A token issued this recently is not refreshed again for a caller's min_ttl.
 MIN_REFRESH_INTERVAL = timedelta(seconds=5)
+log = structlog.get_logger("broker.grants")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +121,19 @@ class GrantService:
         """
         grant = self._cached(provider, user)
         now = self._clock()
+        refresher = self._refresher
+        if refresher is not None and refresher.is_rotating(grant.id):
+            # The cached token may die any moment now: join the refresh in flight (it is
+            # already at the IdP, so this is one round trip at most) for the new one.
+            await refresher.wait(grant, CALLER_WAIT_SECONDS)
+            grant, now = self._cached(provider, user), self._clock()
         if grant.tokens.access_token is not None and not needs_refresh(
             grant.access_expires_at, now, min_ttl
         ):
             return grant
-        if self._may_refresh_for_caller(grant, now):
-            assert self._refresher is not None
-            await self._refresher.wait(grant, CALLER_WAIT_SECONDS)
-            grant = self._cached(provider, user)
-            now = self._clock()
+        if refresher is not None and self._may_refresh_for_caller(grant, now):
+            await refresher.wait(grant, CALLER_WAIT_SECONDS)
+            grant, now = self._cached(provider, user), self._clock()
         if grant.access_ttl(now) > 0:
             return grant
         if grant.tokens.refresh_token is None:
@@ -324,6 +338,10 @@ class GrantService:
         if client is not None and token is not None:
             try:
                 revoked = await client.revoke(token, hint)
+            except IdpRejected as exc:
+                # The provider answered and will not revoke: keeping the grant would not
+                # change that, and would leave it impossible to delete.
+                log.warning("revocation_refused", grant=grant.name, reason=str(exc))
             except IdpError as exc:
                 raise TokenUnavailable(
                     f"could not revoke {grant.name} at the provider ({exc}); "

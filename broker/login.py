@@ -5,6 +5,11 @@ start()     state, nonce and PKCE verifier are made and stored sealed; the autho
 complete()  the redirect's state claims the login once; `error`, a foreign `iss`, a failed
             exchange or a bad ID token end it as failed and store nothing; otherwise the
             grant is stored (a different `sub` than the grant holds needs `force`)
+
+A claimed login always ends complete or failed, whatever breaks after the claim: the CLI and
+GET /v1/logins wait on it, and its state cannot be claimed again. A grant written meanwhile by
+someone else (a refresh, another login finishing at the same moment) is re-read and the login's
+tokens stored on top.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from typing import Any
 
 import structlog
 
-from broker.errors import BadRequest, GrantNotFound, IdpError, LoginError, TokenUnavailable
+from broker.errors import (
+    BrokerError,
+    ConflictError,
+    GrantNotFound,
+    IdpError,
+    LoginError,
+    TokenUnavailable,
+)
 from broker.grants import GrantService, LoginResult
 from broker.idp.client import Pkce, ProviderClient
 from broker.idp.tokens import TokenResponse, parse_expires_in
@@ -27,6 +39,8 @@ from broker.store.logins import COMPLETE, FAILED, LoginRecord, LoginRepository, 
 LOGIN_TTL = timedelta(minutes=10)
 # When a provider omits expires_in, assume a short life rather than serve an expired token.
 ASSUMED_LIFETIME = 300
+# How often a login's grant is re-read and written again when a concurrent write wins.
+STORE_ATTEMPTS = 3
 log = structlog.get_logger("broker.login")
 
 
@@ -108,20 +122,40 @@ class LoginService:
         grant = f"{pending.provider}/{pending.user}"
         try:
             result = await self._finish(pending, params, now)
-            await self._grants.store_login(result, now)
-        except (LoginError, IdpError, BadRequest) as exc:
-            await self._logins.finish(pending.id, FAILED, str(exc), now)
-            log.warning("login_failed", grant=grant, login=pending.id, reason=str(exc))
-            return CallbackOutcome(False, f"Login for {grant} failed: {exc}.")
-        await self._logins.finish(pending.id, COMPLETE, None, now)
-        log.info("login_complete", grant=grant, login=pending.id)
-        return CallbackOutcome(True, f"Signed in: {grant} is stored. You may close this window.")
+            await self._store(result, now)
+        except BrokerError as exc:
+            reason = str(exc)
+        except Exception as exc:  # a claimed login must end, whatever broke; the log has the rest
+            log.exception("login_error", grant=grant, login=pending.id)
+            reason = f"the broker could not finish it ({type(exc).__name__}); see its log"
+        else:
+            await self._logins.finish(pending.id, COMPLETE, None, now)
+            log.info("login_complete", grant=grant, login=pending.id)
+            return CallbackOutcome(
+                True, f"Signed in: {grant} is stored. You may close this window."
+            )
+        await self._logins.finish(pending.id, FAILED, reason, now)
+        log.warning("login_failed", grant=grant, login=pending.id, reason=reason)
+        return CallbackOutcome(False, f"Login for {grant} failed: {reason}.")
+
+    async def _store(self, result: LoginResult, now: datetime) -> None:
+        """Store the login's grant; when a concurrent write wins, re-read the grant and retry."""
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                await self._grants.store_login(result, now)
+                return
+            except ConflictError:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.info("login_store_retry", grant=f"{result.provider}/{result.user}")
 
     async def _finish(
         self, pending: PendingLogin, params: Mapping[str, str], now: datetime
     ) -> LoginResult:
         provider, nonce = pending.provider, pending.nonce
-        client = self._clients[provider]
+        client = self._clients.get(provider)
+        if client is None:  # the config changed since the login started
+            raise LoginError(f"provider {provider} is no longer configured")
         if "error" in params:
             description = params.get("error_description")
             detail = f" ({description[:200]})" if description else ""

@@ -51,13 +51,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 import structlog
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import ConflictError, IdpAmbiguous, IdpError, IdpRejected
-from broker.idp.client import ProviderClient
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.idp.tokens import TokenResponse, access_token_in_claim
 from broker.metrics import Metrics
@@ -84,6 +84,25 @@ DUE_BATCH = 256
 # When a provider omits expires_in, assume a short life rather than serve an expired token.
 ASSUMED_LIFETIME = 300
 log = structlog.get_logger("broker.refresher")
+
+
+class TokenClient(Protocol):
+    """What the refresher needs from a provider (ProviderClient; a model IdP in tests)."""
+
+    async def refresh(self, refresh_token: Secret) -> TokenResponse:
+        """Spend a refresh token; IdpRejected, IdpAmbiguous or IdpError when it fails."""
+        ...
+
+    async def check_id_token(
+        self,
+        id_token: Secret,
+        *,
+        nonce: str | None,
+        now: datetime,
+        access_token: Secret | None = None,
+    ) -> dict[str, Any]:
+        """The validated claims of an ID token."""
+        ...
 
 
 def owner_id() -> str:
@@ -122,7 +141,7 @@ class Refresher:
         repository: GrantRepository,
         *,
         cache: GrantCache,
-        clients: Mapping[str, ProviderClient],
+        clients: Mapping[str, TokenClient],
         providers: Mapping[str, ProviderConfig],
         policy: RefreshPolicy,
         max_concurrency: int,
@@ -146,6 +165,10 @@ class Refresher:
         self._tasks = Tasks()
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Grants whose refresh token has been (or is being) sent: their cached access token
+        # may already be dead at the IdP (django-oauth-toolkit deletes it on rotation).
+        self._rotating: set[str] = set()
         self.heartbeat: datetime | None = None
 
     # -- single flight ---------------------------------------------------------------------
@@ -167,6 +190,10 @@ class Refresher:
             return await asyncio.wait_for(asyncio.shield(self.refresh(grant)), seconds)
         except TimeoutError:
             return None
+
+    def is_rotating(self, grant_id: str) -> bool:
+        """Whether this grant's refresh token is at the IdP right now."""
+        return grant_id in self._rotating
 
     def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
         if self._inflight.get(grant_id) is task:
@@ -266,6 +293,7 @@ class Refresher:
         Cancelling a refresh mid-call would leave its outcome unknown, which, for a provider
         without refresh_grace, costs the grant at the next start; so they get their time.
         """
+        self._stopping = True
         if self._loop is not None:
             self._loop.cancel()
         inflight = list(self._inflight.values())
@@ -278,17 +306,27 @@ class Refresher:
 
     async def _refresh(self, grant_id: str, provider: str) -> Grant | None:
         async with self._limits[provider]:
+            if self._stopping:  # queued behind the provider's limit when shutdown began
+                return self._cache.by_id(grant_id)
             now = self._clock()
             grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
             if grant is None:
                 return await self._reload(grant_id)
             try:
                 result = await self._rotate(grant)
-            except (asyncio.CancelledError, ConflictError):
-                # Cancelled at shutdown, or fenced off: leave any intent for recovery.
-                await self._release(grant)
+            except asyncio.CancelledError:
+                self._rotating.discard(grant.id)
+                await self._release(grant)  # any open intent stays, for recovery
                 raise
+            except ConflictError as exc:
+                self._rotating.discard(grant.id)
+                # Fenced off (an admin replaced the tokens, or the lease was taken over):
+                # whatever the store holds now wins.
+                log.warning("refresh_fenced_off", grant=grant.name, reason=str(exc))
+                await self._release(grant)
+                return await self._reload(grant_id)
             except Exception:
+                self._rotating.discard(grant.id)
                 log.exception("refresh_failed_unexpectedly", grant=grant.name)
                 self._cooldown[grant.id] = self._clock() + backoff(
                     grant.refresh_failures + 1, self._policy, self._rand()
@@ -296,7 +334,8 @@ class Refresher:
                 await self._release(grant)
                 return None
             self._cooldown.pop(grant.id, None)
-            self._cache.put(result)
+            self._cache.put(result)  # published only now, after the commit
+            self._rotating.discard(grant.id)
             return result
 
     async def _reload(self, grant_id: str) -> Grant | None:
@@ -320,6 +359,7 @@ class Refresher:
         client = self._clients[grant.provider]
         grace = self._providers[grant.provider].refresh_grace
         recovering = grant.intent_at is not None
+        self._rotating.add(grant.id)
         if grant.intent_at is None:
             first_sent = self._clock()
             await self._repository.mark_sent(grant.id, grant.generation, self.owner, first_sent)
@@ -387,7 +427,7 @@ class Refresher:
         return await self._settle(grant, GrantState.ACTIVE, str(error), now + delay, failures)
 
     async def _call(
-        self, client: ProviderClient, grant: Grant
+        self, client: TokenClient, grant: Grant
     ) -> tuple[Outcome, Exception | None, TokenResponse | None]:
         assert grant.tokens.refresh_token is not None
         try:

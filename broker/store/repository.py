@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, inspect, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring
@@ -99,8 +100,13 @@ class GrantRepository:
         """Store a new grant at generation 1; the row id is chosen here."""
         grant = replace(grant, id=uuid.uuid4().hex, generation=1, created_at=now, updated_at=now)
         values = {**self._plain_values(grant), **self._sealed_values(grant)}
-        async with self._writer.begin() as conn:
-            await conn.execute(insert(grants).values(**values))
+        try:
+            async with self._writer.begin() as conn:
+                await conn.execute(insert(grants).values(**values))
+        except IntegrityError:
+            raise ConflictError(
+                f"grant {grant.name} was created by someone else meanwhile"
+            ) from None
         return replace(grant, key_id=values["key_id"])
 
     async def replace_tokens(self, grant: Grant, expected_generation: int, now: datetime) -> Grant:
