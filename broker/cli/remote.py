@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from broker.cli.common import (
+    EXIT_ERROR,
     EXIT_OK,
+    EXIT_REAUTH,
     EXIT_USAGE,
     CliError,
     call,
@@ -90,6 +92,22 @@ def cmd_grants_show(args: argparse.Namespace) -> int:
             shown = " ".join(value) if isinstance(value, list) else value
             print(f"{key + ':':20} {'-' if shown is None else shown}")
     return EXIT_OK
+
+
+def cmd_grants_refresh(args: argparse.Namespace) -> int:
+    """Refresh a grant now and show how it stands."""
+    grant = call(args, "POST", f"/v1/grants/{args.provider}/{args.user}/refresh")
+    if args.json:
+        print_json(grant)
+    else:
+        print(
+            f"{grant['provider']}/{grant['user']}: {grant['state']}, generation "
+            f"{grant['generation']}, access token until {grant.get('access_expires_at') or '-'}"
+            + (f"; last error: {grant['last_error']}" if grant.get("last_error") else "")
+        )
+    if grant["state"] == "reauth_required":
+        return EXIT_REAUTH
+    return EXIT_OK if not grant.get("last_error") else EXIT_ERROR
 
 
 def cmd_grants_revoke(args: argparse.Namespace) -> int:
@@ -186,6 +204,17 @@ def register(sub: Any) -> None:
     p.add_argument("provider")
     p.add_argument("user")
     p.set_defaults(handler=cmd_grants_show)
+    p = grants.add_parser(
+        "refresh",
+        parents=[client],
+        help="refresh a grant now",
+        description="Refresh the grant at its provider now and show the result; exit 1 when "
+        "the refresh failed (the grant keeps its tokens and retries on its own), 3 when a "
+        "new login is needed.",
+    )
+    p.add_argument("provider")
+    p.add_argument("user")
+    p.set_defaults(handler=cmd_grants_refresh)
     p = grants.add_parser(
         "revoke",
         parents=[client],
