@@ -7,25 +7,23 @@ Write transactions use the writer engine, which begins them IMMEDIATE on SQLite.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, inspect, or_, select, update
+from sqlalchemy import delete, func, insert, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
-from broker.errors import ConflictError, DecryptError
-from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.errors import ConflictError
+from broker.model import Grant, GrantState
 from broker.store.engine import writer
+from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer
-from broker.store.tables import GRANT_SEALED_COLUMNS, UTCDateTime, grants
-
-_TOKEN_COLUMNS = ("refresh_token", "access_token", "id_token")
+from broker.store.tables import UTCDateTime, grants
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +55,7 @@ class GrantRepository:
         self._engine = engine
         self._writer = writer(engine)
         self.sealer = Sealer(keyring, reload_keyring)
+        self._rows = GrantRows(self.sealer)
 
     @property
     def keyring(self) -> Keyring:
@@ -74,20 +73,20 @@ class GrantRepository:
         query = select(grants).where(grants.c.provider == provider, grants.c.user_name == user)
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        return None if row is None else self._open(row)
+        return None if row is None else self._rows.open(row)
 
     async def get_by_id(self, grant_id: str) -> Grant | None:
         """The grant with this row id, opened, or None."""
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(grants).where(grants.c.id == grant_id))).first()
-        return None if row is None else self._open(row)
+        return None if row is None else self._rows.open(row)
 
     async def all(self) -> list[Grant]:
         """Every grant, opened, ordered by provider and user."""
         query = select(grants).order_by(grants.c.provider, grants.c.user_name)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [self._open(row) for row in rows]
+        return [self._rows.open(row) for row in rows]
 
     async def ping(self) -> None:
         """Raise unless the database answers a trivial query."""
@@ -99,7 +98,7 @@ class GrantRepository:
     async def insert(self, grant: Grant, now: datetime) -> Grant:
         """Store a new grant at generation 1; the row id is chosen here."""
         grant = replace(grant, id=uuid.uuid4().hex, generation=1, created_at=now, updated_at=now)
-        values = {**self._plain_values(grant), **self._sealed_values(grant)}
+        values = {**self._rows.plain(grant), **self._rows.sealed(grant)}
         try:
             async with self._writer.begin() as conn:
                 await conn.execute(insert(grants).values(**values))
@@ -112,7 +111,7 @@ class GrantRepository:
     async def replace_tokens(self, grant: Grant, expected_generation: int, now: datetime) -> Grant:
         """Write `grant` over its row if the row is still at `expected_generation`."""
         new = replace(grant, generation=expected_generation + 1, updated_at=now)
-        values = {**self._plain_values(new), **self._sealed_values(new)}
+        values = {**self._rows.plain(new), **self._rows.sealed(new)}
         for fixed in ("id", "created_at"):
             values.pop(fixed)
         query = (
@@ -172,7 +171,7 @@ class GrantRepository:
         query = select(grants).where(grants.c.updated_at >= moment)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [self._open(row) for row in rows]
+        return [self._rows.open(row) for row in rows]
 
     async def ids(self) -> set[str]:
         """Every grant's row id (to notice deletions made by another process)."""
@@ -200,7 +199,7 @@ class GrantRepository:
             if result.rowcount != 1:
                 return None
             row = (await conn.execute(select(grants).where(grants.c.id == grant_id))).one()
-        return self._open(row)
+        return self._rows.open(row)
 
     async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
         """Record, durably, that this generation's refresh token is about to be sent."""
@@ -211,7 +210,7 @@ class GrantRepository:
     ) -> Grant:
         """Store a successful refresh: new tokens, generation + 1, intent and lease cleared."""
         new = replace(grant, generation=expected_generation + 1, updated_at=now, intent_at=None)
-        values = {**self._plain_values(new), **self._sealed_values(new)}
+        values = {**self._rows.plain(new), **self._rows.sealed(new)}
         for fixed in ("id", "created_at"):
             values.pop(fixed)
         await self._guarded(
@@ -341,8 +340,8 @@ class GrantRepository:
         moved = 0
         async with self._writer.begin() as conn:
             for row in rows:
-                grant = self._open(row)
-                sealed = self._sealed_values(grant)
+                grant = self._rows.open(row)
+                sealed = self._rows.sealed(grant)
                 result = await conn.execute(
                     update(grants)
                     .where(grants.c.id == grant.id, grants.c.generation == grant.generation)
@@ -359,105 +358,4 @@ class GrantRepository:
         async with self._engine.connect() as conn:
             if not await conn.run_sync(lambda sync: inspect(sync).has_table("grants")):
                 return []
-            return await _verify_keys(conn, self.keyring)
-
-    # -- mapping ----------------------------------------------------------------------------
-
-    def _plain_values(self, grant: Grant) -> dict[str, Any]:
-        return {
-            "id": grant.id,
-            "provider": grant.provider,
-            "user_name": grant.user,
-            "sub": grant.sub,
-            "state": grant.state.value,
-            "scopes": " ".join(grant.scopes),
-            "token_type": grant.token_type,
-            "access_expires_at": grant.access_expires_at,
-            "next_refresh_at": grant.next_refresh_at,
-            "generation": grant.generation,
-            "last_error": grant.last_error,
-            "created_at": grant.created_at,
-            "updated_at": grant.updated_at,
-            "access_issued_at": grant.access_issued_at,
-            "refresh_failures": grant.refresh_failures,
-            "intent_at": grant.intent_at,
-        }
-
-    def _sealed_values(self, grant: Grant) -> dict[str, Any]:
-        def seal(column: str, value: str | None) -> bytes | None:
-            if value is None:
-                return None
-            return self.sealer.seal(value, table="grants", row_id=grant.id, column=column)
-
-        tokens = grant.tokens
-        values: dict[str, Any] = {
-            name: seal(name, None if secret is None else secret.reveal())
-            for name, secret in zip(
-                _TOKEN_COLUMNS,
-                (tokens.refresh_token, tokens.access_token, tokens.id_token),
-                strict=True,
-            )
-        }
-        values["claims"] = seal("claims", json.dumps(grant.claims)) if grant.claims else None
-        sealed_any = any(values[name] is not None for name in GRANT_SEALED_COLUMNS)
-        values["key_id"] = self.keyring.primary if sealed_any else None
-        return values
-
-    def _open(self, row: Row[Any]) -> Grant:
-        m = row._mapping
-
-        def open_(column: str) -> str | None:
-            envelope = m[column]
-            if envelope is None:
-                return None
-            return self.sealer.open(envelope, table="grants", row_id=m["id"], column=column)
-
-        def secret(column: str) -> Secret | None:
-            value = open_(column)
-            return None if value is None else Secret(value)
-
-        claims_text = open_("claims")
-        return Grant(
-            id=m["id"],
-            provider=m["provider"],
-            user=m["user_name"],
-            sub=m["sub"],
-            state=GrantState(m["state"]),
-            generation=m["generation"],
-            tokens=TokenSet(
-                refresh_token=secret("refresh_token"),
-                access_token=secret("access_token"),
-                id_token=secret("id_token"),
-            ),
-            scopes=tuple(m["scopes"].split()),
-            token_type=m["token_type"],
-            access_expires_at=m["access_expires_at"],
-            next_refresh_at=m["next_refresh_at"],
-            last_error=m["last_error"],
-            key_id=m["key_id"],
-            claims=json.loads(claims_text) if claims_text else {},
-            created_at=m["created_at"],
-            updated_at=m["updated_at"],
-            access_issued_at=m["access_issued_at"],
-            refresh_failures=m["refresh_failures"],
-            intent_at=m["intent_at"],
-        )
-
-
-async def _verify_keys(conn: AsyncConnection, keyring: Keyring) -> list[str]:
-    """Open the first sealed value of one grant per key id; report each that fails."""
-    sealed = [grants.c[name] for name in GRANT_SEALED_COLUMNS]
-    query = select(grants.c.key_id).where(grants.c.key_id.is_not(None)).distinct()
-    problems: list[str] = []
-    for key_id in (await conn.execute(query)).scalars().all():
-        sample = select(grants.c.id, *sealed).where(grants.c.key_id == key_id).limit(1)
-        row = (await conn.execute(sample)).first()
-        if row is None:
-            continue
-        values = row._mapping
-        column = next(name for name in GRANT_SEALED_COLUMNS if values[name] is not None)
-        try:
-            keyring.open(values[column], table="grants", row_id=values["id"], column=column)
-        except DecryptError as exc:
-            problems.append(str(exc))
-    return problems
+            return await verify_keys(conn, self.keyring)
