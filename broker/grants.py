@@ -40,7 +40,7 @@ from broker.model import (
     grant_name,
 )
 from broker.refresher import Refresher
-from broker.schedule import RefreshPolicy, due_at, needs_refresh
+from broker.schedule import ROTATION_LOST, RefreshPolicy, due_at, needs_refresh
 from broker.store.repository import GrantRepository
 
 # How long a caller should wait before asking again for a grant whose token has expired.
@@ -121,12 +121,16 @@ class GrantService:
         """
         grant = self._cached(provider, user)
         now = self._clock()
+        if grant.state is not GrantState.ACTIVE:
+            return self._after_refusal(grant, now)
         refresher = self._refresher
         if refresher is not None and refresher.is_rotating(grant.id):
             # The cached token may die any moment now: join the refresh in flight (it is
             # already at the IdP, so this is one round trip at most) for the new one.
             await refresher.wait(grant, CALLER_WAIT_SECONDS)
             grant, now = self._cached(provider, user), self._clock()
+            if grant.state is not GrantState.ACTIVE:
+                return self._after_refusal(grant, now)
         if grant.tokens.access_token is not None and not needs_refresh(
             grant.access_expires_at, now, min_ttl
         ):
@@ -134,6 +138,8 @@ class GrantService:
         if refresher is not None and self._may_refresh_for_caller(grant, now):
             await refresher.wait(grant, CALLER_WAIT_SECONDS)
             grant, now = self._cached(provider, user), self._clock()
+            if grant.state is not GrantState.ACTIVE:
+                return self._after_refusal(grant, now)
         if grant.access_ttl(now) > 0:
             return grant
         if grant.tokens.refresh_token is None:
@@ -154,10 +160,18 @@ class GrantService:
         grant = self._cache.get(provider, user)
         if grant is None:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
-        if grant.state is not GrantState.ACTIVE:
-            reason = grant.last_error or grant.state.value
-            raise ReauthRequired(f"grant {grant.name} needs a new login: {reason}")
         return grant
+
+    def _after_refusal(self, grant: Grant, now: datetime) -> Grant:
+        """A grant that needs a login still serves its access token until it really expires.
+
+        Not after rotation_lost: the provider has most likely rotated, and so deleted it.
+        """
+        lost = (grant.last_error or "").startswith(ROTATION_LOST)
+        if grant.state is GrantState.REAUTH_REQUIRED and not lost and grant.access_ttl(now) > 0:
+            return grant
+        reason = grant.last_error or grant.state.value
+        raise ReauthRequired(f"grant {grant.name} needs a new login: {reason}")
 
     def _may_refresh_for_caller(self, grant: Grant, now: datetime) -> bool:
         """Whether a caller may wait on a refresh: not in back-off, not just refreshed."""

@@ -79,6 +79,8 @@ from broker.tasks import Tasks
 # is still waiting for its answer.
 LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
 POLL = timedelta(seconds=1)
+FOLLOW_POLL_SECONDS = 0.05
+REPLAY_MARGIN = timedelta(seconds=1)
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 256
 # When a provider omits expires_in, assume a short life rather than serve an expired token.
@@ -178,7 +180,7 @@ class Refresher:
         task = self._inflight.get(grant.id)
         if task is None:
             task = self._tasks.spawn(
-                self._refresh(grant.id, grant.provider), f"refresh {grant.name}"
+                self._refresh(grant.id, grant.provider, grant.generation), f"refresh {grant.name}"
             )
             self._inflight[grant.id] = task
             task.add_done_callback(lambda done: self._forget(grant.id, done))
@@ -198,6 +200,7 @@ class Refresher:
     def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
         if self._inflight.get(grant_id) is task:
             del self._inflight[grant_id]
+        self._wake.set()  # the loop's view of what is due has changed
 
     # -- the schedule loop -----------------------------------------------------------------
 
@@ -236,8 +239,8 @@ class Refresher:
                 self._cache.drop(grant.provider, grant.user)
 
     async def _start_due(self, now: datetime) -> None:
-        for due in await self._repository.due(now, DUE_BATCH):
-            if due.id in self._inflight or due.provider not in self._limits:
+        for due in await self._repository.due(now, DUE_BATCH, self._limits.keys()):
+            if due.id in self._inflight:
                 continue
             if self._cooldown.get(due.id, now) > now:
                 continue
@@ -250,10 +253,12 @@ class Refresher:
             self.refresh(grant)
 
     async def _sleep_for(self, now: datetime) -> float:
-        next_due = await self._repository.next_due_at()
-        if next_due is None:
+        """Until the next grant comes due, at most POLL; a refresh ending wakes the loop."""
+        next_due = await self._repository.next_due_at(now, self._limits.keys())
+        if next_due is None or next_due <= now:
+            # Nothing due, or only what is in flight or cooling down: nothing to start now.
             return POLL.total_seconds()
-        return max(0.0, min((next_due - now).total_seconds(), POLL.total_seconds()))
+        return min((next_due - now).total_seconds(), POLL.total_seconds())
 
     def poke(self) -> None:
         """Wake the loop now (a grant was stored or changed)."""
@@ -304,42 +309,62 @@ class Refresher:
 
     # -- one refresh -----------------------------------------------------------------------
 
-    async def _refresh(self, grant_id: str, provider: str) -> Grant | None:
+    async def _refresh(self, grant_id: str, provider: str, seen: int) -> Grant | None:
+        """Refresh one grant whose generation `seen` the caller (or the loop) last saw."""
         async with self._limits[provider]:
             if self._stopping:  # queued behind the provider's limit when shutdown began
                 return self._cache.by_id(grant_id)
             now = self._clock()
             grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
-            if grant is None:
-                return await self._reload(grant_id)
-            try:
-                result = await self._rotate(grant)
-            except asyncio.CancelledError:
-                self._rotating.discard(grant.id)
-                await self._release(grant)  # any open intent stays, for recovery
-                raise
-            except ConflictError as exc:
-                self._rotating.discard(grant.id)
-                # Fenced off (an admin replaced the tokens, or the lease was taken over):
-                # whatever the store holds now wins.
-                log.warning("refresh_fenced_off", grant=grant.name, reason=str(exc))
-                await self._release(grant)
-                return await self._reload(grant_id)
-            except Exception:
-                self._rotating.discard(grant.id)
-                log.exception("refresh_failed_unexpectedly", grant=grant.name)
-                self._cooldown[grant.id] = self._clock() + backoff(
-                    grant.refresh_failures + 1, self._policy, self._rand()
-                )
-                await self._release(grant)
-                return None
-            self._cooldown.pop(grant.id, None)
-            self._cache.put(result)  # published only now, after the commit
+            if grant is not None:
+                if grant.generation != seen and grant.intent_at is None:
+                    # Another process refreshed it since we looked: publish, spend nothing.
+                    await self._release(grant)
+                    self._cache.put(grant)
+                    return grant
+                return await self._run_claimed(grant)
+        return await self._follow(grant_id)
+
+    async def _run_claimed(self, grant: Grant) -> Grant | None:
+        try:
+            result = await self._rotate(grant)
+        except asyncio.CancelledError:
             self._rotating.discard(grant.id)
-            return result
+            await self._release(grant)  # any open intent stays, for recovery
+            raise
+        except ConflictError as exc:
+            self._rotating.discard(grant.id)
+            # Fenced off (an admin replaced the tokens, or the lease was taken over):
+            # whatever the store holds now wins.
+            log.warning("refresh_fenced_off", grant=grant.name, reason=str(exc))
+            await self._release(grant)
+            return await self._reload(grant.id)
+        except Exception:
+            self._rotating.discard(grant.id)
+            log.exception("refresh_failed_unexpectedly", grant=grant.name)
+            self._cooldown[grant.id] = self._clock() + backoff(
+                grant.refresh_failures + 1, self._policy, self._rand()
+            )
+            await self._release(grant)
+            return None
+        self._cooldown.pop(grant.id, None)
+        self._cache.put(result)  # published only now, after the commit
+        self._rotating.discard(grant.id)
+        return result
+
+    async def _follow(self, grant_id: str) -> Grant | None:
+        """Another owner holds the lease: wait (bounded by the lease) for what it stores.
+
+        The other owner is another process, so there is nothing to await but the store.
+        """
+        for _ in range(int(LEASE.total_seconds() / FOLLOW_POLL_SECONDS)):
+            if not await self._repository.lease_held(grant_id, self._clock()):
+                break
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        return await self._reload(grant_id)
 
     async def _reload(self, grant_id: str) -> Grant | None:
-        """Another owner holds the lease: pick up whatever it stores."""
+        """The grant as the store holds it now, published."""
         grant = await self._repository.get_by_id(grant_id)
         if grant is not None:
             self._cache.put(grant)
@@ -366,27 +391,28 @@ class Refresher:
         else:
             first_sent = grant.intent_at
             log.warning("refresh_outcome_unknown", grant=grant.name, generation=grant.generation)
-        if (
-            recovering
-            and decide(Outcome.AMBIGUOUS, now=self._clock(), first_sent_at=first_sent, grace=grace)
-            is Decision.LOST
-        ):
-            return await self._lost(
-                grant, "a refresh was cut short and the provider's refresh_grace has passed"
-            )
-        attempt = 0
+        attempt, reason = 0, "a refresh was cut short and its outcome is unknown"
         while True:
+            # Checked before every send, after every pause: a replay must reach the IdP while
+            # its grace lasts, with a margin for the clocks of two machines.
+            if (
+                recovering
+                and decide(
+                    Outcome.AMBIGUOUS,
+                    now=self._clock() + REPLAY_MARGIN,
+                    first_sent_at=first_sent,
+                    grace=grace,
+                )
+                is Decision.LOST
+            ):
+                return await self._lost(grant, f"{reason}; the provider's refresh_grace has passed")
             attempt += 1
             started = time.perf_counter()
             outcome, error, response = await self._call(client, grant)
             self._count(grant, outcome, time.perf_counter() - started, attempt)
-            now = self._clock()
             if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):
                 # Unknown again (or a replay did not get through): replay while grace lasts.
-                recovering = True
-                decision = decide(Outcome.AMBIGUOUS, now=now, first_sent_at=first_sent, grace=grace)
-                if decision is Decision.LOST:
-                    return await self._lost(grant, str(error))
+                recovering, reason = True, str(error)
                 await self._extend(grant)
                 await asyncio.sleep(replay_delay(attempt).total_seconds())
                 continue
@@ -395,8 +421,8 @@ class Refresher:
                 outcome=outcome,
                 error=error,
                 response=response,
-                recovering=recovering,
-                now=now,
+                first_sent=first_sent if recovering else None,
+                now=self._clock(),
             )
 
     async def _conclude(
@@ -406,17 +432,21 @@ class Refresher:
         outcome: Outcome,
         error: Exception | None,
         response: TokenResponse | None,
-        recovering: bool,
+        first_sent: datetime | None,
         now: datetime,
     ) -> Grant:
-        """Store a known outcome: new tokens, re-authentication, or a back-off."""
+        """Store a known outcome: new tokens, re-authentication, or a back-off.
+
+        `first_sent` is set when the outcome came from a replay: a replayed pair was issued
+        when the IdP first saw the token, so its life is counted from the first send.
+        """
         if outcome is Outcome.SUCCESS:
             assert response is not None
-            if recovering:
+            if first_sent is not None:
                 self._metrics.rotation_recoveries.labels(grant.provider, "recovered").inc()
-            return await self._commit(grant, response, now)
+            return await self._commit(grant, response, now, issued_at=first_sent or now)
         if outcome is Outcome.TERMINAL:
-            if recovering:  # the replay was refused: the rotation happened and is lost
+            if first_sent is not None:  # the replay was refused: the rotation happened, lost
                 return await self._lost(grant, str(error))
             return await self._settle(
                 grant, GrantState.REAUTH_REQUIRED, str(error), None, grant.refresh_failures
@@ -452,7 +482,9 @@ class Refresher:
             duration_ms=round(seconds * 1000, 1),
         )
 
-    async def _commit(self, grant: Grant, response: TokenResponse, now: datetime) -> Grant:
+    async def _commit(
+        self, grant: Grant, response: TokenResponse, now: datetime, issued_at: datetime
+    ) -> Grant:
         """Store a successful refresh (the only place a new refresh token is written)."""
         config = self._providers[grant.provider]
         refresh_token = response.refresh_token
@@ -472,30 +504,32 @@ class Refresher:
             # The new refresh token is in hand and must be kept whatever else is wrong.
             problem = f"the refresh response carries no usable access token: {exc}"
             log.warning("refresh_without_access_token", grant=grant.name, reason=str(exc))
+        failures = 0
         if problem is None:
             tokens = TokenSet(
                 refresh_token, access_token, response.id_token or grant.tokens.id_token
             )
-            issued_at: datetime | None = now
-            expires_at = now + timedelta(seconds=expires_in or ASSUMED_LIFETIME)
+            issued: datetime | None = issued_at
+            expires_at = issued_at + timedelta(seconds=expires_in or ASSUMED_LIFETIME)
+            next_refresh = due_at(issued_at, expires_at, self._policy, self._rand())
         else:
             tokens = TokenSet(refresh_token, grant.tokens.access_token, grant.tokens.id_token)
-            issued_at, expires_at = grant.access_issued_at, grant.access_expires_at or now
+            issued, expires_at = grant.access_issued_at, grant.access_expires_at or now
             token_type = grant.token_type
+            # Not at the old token's due time, which has passed: that would rotate again at
+            # once, and again, for as long as the provider answers this way.
+            failures = grant.refresh_failures + 1
+            next_refresh = now + backoff(failures, self._policy, self._rand())
         new = replace(
             grant,
             tokens=tokens,
             token_type=token_type,
             scopes=response.scope or grant.scopes,
-            access_issued_at=issued_at,
+            access_issued_at=issued,
             access_expires_at=expires_at,
-            next_refresh_at=(
-                None
-                if refresh_token is None
-                else due_at(issued_at or now, expires_at, self._policy, self._rand())
-            ),
+            next_refresh_at=None if refresh_token is None else next_refresh,
             last_error=problem,
-            refresh_failures=0,
+            refresh_failures=failures,
         )
         return await self._repository.commit_refresh(new, grant.generation, self.owner, now)
 

@@ -362,26 +362,37 @@ async def test_an_expired_grant_without_refresh_token_needs_reauth(
     assert "log in again" in body["detail"]
 
 
-async def test_a_grant_in_reauth_state_needs_reauth_even_with_a_live_token(
-    api: Api, new_secret: Callable[[str], str]
+@pytest.mark.parametrize(
+    ("last_error", "served"),
+    [("the IdP refused (400 invalid_grant)", True), ("rotation_lost: read timeout", False)],
+    ids=["invalid_grant", "rotation_lost"],
+)
+async def test_a_refused_grant_serves_its_live_token_until_expiry_unless_rotation_was_lost(
+    api: Api, new_secret: Callable[[str], str], last_error: str, served: bool
 ) -> None:
-    """A grant the IdP refused (state reauth_required) is not served even if its token lives."""
-    stored = await _insert_without_refresh_token(api, new_secret("at"), expires_in=3600)
+    """After invalid_grant the live token is served until expiry, then 409; after a lost
+    rotation (the provider has likely deleted it) it is 409 at once."""
+    access = new_secret("at")
+    stored = await _insert_without_refresh_token(api, access, expires_in=3600)
     await api.repository.replace_tokens(
         replace(
             stored,
             state=GrantState.REAUTH_REQUIRED,
             tokens=replace(stored.tokens, refresh_token=Secret(new_secret("rt"))),
-            last_error="invalid_grant",
+            last_error=last_error,
         ),
         stored.generation,
         api.clock(),
     )
     await api.service.load()
-    body = assert_problem(
-        await api.call("GET", "/v1/tokens/techniek/carol"), 409, "reauth_required"
-    )
-    assert "invalid_grant" in body["detail"]
+    reply = await api.call("GET", "/v1/tokens/techniek/carol")
+    if served:
+        assert reply.status == 200, reply.text
+        assert reply.json()["access_token"] == access
+        api.clock.advance(3600)
+        reply = await api.call("GET", "/v1/tokens/techniek/carol")
+    body = assert_problem(reply, 409, "reauth_required")
+    assert last_error.split(":", maxsplit=1)[0] in body["detail"]
 
 
 @pytest.mark.parametrize(

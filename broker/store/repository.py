@@ -8,7 +8,7 @@ Write transactions use the writer engine, which begins them IMMEDIATE on SQLite.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -140,12 +140,13 @@ class GrantRepository:
     # `lease_owner = me AND generation = g`, so a process whose lease was taken over (or
     # whose generation is stale) can change nothing: the generation is the fencing token.
 
-    async def due(self, now: datetime, limit: int) -> list[DueGrant]:
-        """Active grants whose refresh time has come and that nobody holds a live lease on."""
+    async def due(self, now: datetime, limit: int, providers: Iterable[str]) -> list[DueGrant]:
+        """Active grants of `providers` whose refresh time has come, with no live lease."""
         query = (
             select(grants.c.id, grants.c.provider, grants.c.next_refresh_at)
             .where(
                 grants.c.state == GrantState.ACTIVE.value,
+                grants.c.provider.in_(list(providers)),
                 # An open intent is due at once: a refresh with an unknown outcome.
                 or_(grants.c.next_refresh_at <= now, grants.c.intent_at.is_not(None)),
                 or_(grants.c.lease_owner.is_(None), grants.c.lease_expires_at < now),
@@ -157,10 +158,12 @@ class GrantRepository:
             rows = (await conn.execute(query)).all()
         return [DueGrant(row.id, row.provider, row.next_refresh_at) for row in rows]
 
-    async def next_due_at(self) -> datetime | None:
-        """The earliest refresh time among active grants (the schedule loop sleeps until it)."""
+    async def next_due_at(self, now: datetime, providers: Iterable[str]) -> datetime | None:
+        """The earliest refresh time among active, unleased grants of `providers`."""
         query = select(func.min(grants.c.next_refresh_at)).where(
-            grants.c.state == GrantState.ACTIVE.value
+            grants.c.state == GrantState.ACTIVE.value,
+            grants.c.provider.in_(list(providers)),
+            or_(grants.c.lease_owner.is_(None), grants.c.lease_expires_at < now),
         )
         async with self._engine.connect() as conn:
             value: datetime | None = (await conn.execute(query)).scalar_one()
@@ -253,6 +256,16 @@ class GrantRepository:
             intent_at=None,
             updated_at=now,
         )
+
+    async def lease_held(self, grant_id: str, now: datetime) -> bool:
+        """Whether someone holds a live lease on this grant."""
+        query = select(grants.c.id).where(
+            grants.c.id == grant_id,
+            grants.c.lease_owner.is_not(None),
+            grants.c.lease_expires_at >= now,
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).first() is not None
 
     async def lease_owners(self) -> set[str]:
         """Everyone holding a lease right now (live or not)."""
