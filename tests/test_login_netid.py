@@ -170,7 +170,7 @@ async def test_a_grant_without_a_refresh_token_needs_a_new_login_once_its_token_
         assert grant["state"] == "reauth_required", grant
         assert grant["last_error"]
         assert "refresh token" in grant["last_error"]
-        listed = (await broker.call("GET", "/v1/grants")).json()["grants"]
+        listed = (await broker.call("GET", "/v1/grants")).json()
         assert [(g["user"], g["state"]) for g in listed] == [(USER, "reauth_required")]
 
         # A new login brings it back.

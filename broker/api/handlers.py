@@ -114,7 +114,7 @@ async def list_grants(request: web.Request) -> web.Response:
     """GET /v1/grants."""
     _require_admin(request)
     summaries = await request.app[SERVICE].summaries()
-    return _json({"grants": [summary_json(s) for s in summaries]})
+    return _json([summary_json(s) for s in summaries])
 
 
 async def get_grant(request: web.Request) -> web.Response:

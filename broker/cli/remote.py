@@ -69,7 +69,7 @@ def _grant_row(grant: dict[str, Any]) -> list[str]:
 
 def cmd_grants_list(args: argparse.Namespace) -> int:
     """List grants."""
-    grants = call(args, "GET", "/v1/grants")["grants"]
+    grants = call(args, "GET", "/v1/grants")
     if args.json:
         print_json(grants)
     elif not grants:
