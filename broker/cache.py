@@ -1,8 +1,8 @@
 """The in-memory view of grants that the token path answers from, without a query per request.
 
-Entries are whole `Grant` values. A write replaces an entry only with a newer generation, so
-an update that lost a race (or arrives late from a slower task) can never put an older token
-back in front of callers.
+Entries are whole `Grant` values. A write replaces an entry only with a newer generation (or,
+at one generation, a later write), so an update that lost a race or arrives late from a slower
+task can never put an older token, or an older state, back in front of callers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class GrantCache:
         """Cache `grant` unless a newer generation of the same row is already there."""
         key = (grant.provider, grant.user)
         current = self._grants.get(key)
-        if current is not None and current.id == grant.id and current.generation > grant.generation:
+        if current is not None and current.id == grant.id and _newer(current, grant):
             return False
         if current is not None and current.id != grant.id:
             self._ids.pop(current.id, None)
@@ -51,3 +51,16 @@ class GrantCache:
 
     def __len__(self) -> int:
         return len(self._grants)
+
+
+def _newer(current: Grant, candidate: Grant) -> bool:
+    """Whether `current` is a later write of the row than `candidate`.
+
+    The generation decides; at one generation (a failed refresh records its outcome without a
+    new generation) the later write does, so a row read before the outcome cannot undo it.
+    """
+    if current.generation != candidate.generation:
+        return current.generation > candidate.generation
+    if current.updated_at is None or candidate.updated_at is None:
+        return False
+    return current.updated_at > candidate.updated_at

@@ -50,6 +50,9 @@ CALLER_WAIT_SECONDS = 10.0
 ADMIN_WAIT_SECONDS = MAX_CALL_SECONDS + 5
 # A token issued this recently is not refreshed again for a caller's min_ttl.
 MIN_REFRESH_INTERVAL = timedelta(seconds=5)
+# From this long before a grant's refresh time, the token path confirms with the store that no
+# other process sharing it is rotating the grant.
+NEAR_REFRESH = timedelta(seconds=2)
 log = structlog.get_logger("broker.grants")
 
 
@@ -119,18 +122,24 @@ class GrantService:
         that cannot help, a still-valid token is served anyway, and an expired one is refused
         with a Retry-After.
         """
-        grant = self._cached(provider, user)
+        grant = self._cache.get(provider, user) or await self._load_missing(provider, user)
         now = self._clock()
         if grant.state is not GrantState.ACTIVE:
             return self._after_refusal(grant, now)
         refresher = self._refresher
-        if refresher is not None and refresher.is_rotating(grant.id):
-            # The cached token may die any moment now: join the refresh in flight (it is
-            # already at the IdP, so this is one round trip at most) for the new one.
+        if refresher is not None and await self._rotating(grant, now):
+            # The cached token may die any moment now (the provider deletes it when it
+            # rotates): join the refresh in flight, one IdP round trip at most.
             await refresher.wait(grant, CALLER_WAIT_SECONDS)
             grant, now = self._cached(provider, user), self._clock()
             if grant.state is not GrantState.ACTIVE:
                 return self._after_refusal(grant, now)
+            if refresher.is_rotating(grant.id) or grant.intent_at is not None:
+                raise TokenUnavailable(
+                    f"a refresh of grant {grant.name} is taking long; its old access token "
+                    "may no longer be valid",
+                    1,
+                )
         if grant.tokens.access_token is not None and not needs_refresh(
             grant.access_expires_at, now, min_ttl
         ):
@@ -155,6 +164,30 @@ class GrantService:
             + (f" ({grant.last_error})" if grant.last_error else ""),
             retry_after,
         )
+
+    async def _rotating(self, grant: Grant, now: datetime) -> bool:
+        """Whether the grant's refresh token is at the IdP now, here or in another process.
+
+        Memory answers for this process. Another process sharing the store can only be
+        rotating a grant around its refresh time, so only then is the store asked (one
+        primary-key read): a newer generation or another owner's open intent both mean the
+        cached token is about to die, or has.
+        """
+        assert self._refresher is not None
+        if self._refresher.is_rotating(grant.id) or grant.intent_at is not None:
+            return True
+        near = grant.next_refresh_at is not None and now >= grant.next_refresh_at - NEAR_REFRESH
+        if not near:
+            return False
+        return await self._repository.changed_elsewhere(grant.id, grant.generation, now)
+
+    async def _load_missing(self, provider: str, user: str) -> Grant:
+        """A grant another process stored since this one last looked, or GrantNotFound."""
+        grant = await self._repository.get(provider, user)
+        if grant is None:
+            raise GrantNotFound(f"no grant {grant_name(provider, user)}")
+        self._cache.put(grant)
+        return grant
 
     def _cached(self, provider: str, user: str) -> Grant:
         grant = self._cache.get(provider, user)

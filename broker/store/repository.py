@@ -206,7 +206,7 @@ class GrantRepository:
 
     async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
         """Record, durably, that this generation's refresh token is about to be sent."""
-        await self._guarded(grant_id, generation, owner, {"intent_at": now})
+        await self._guarded(grant_id, generation, owner, {"intent_at": now, "updated_at": now})
 
     async def commit_refresh(
         self, grant: Grant, expected_generation: int, owner: str, now: datetime
@@ -256,6 +256,22 @@ class GrantRepository:
             intent_at=None,
             updated_at=now,
         )
+
+    async def changed_elsewhere(self, grant_id: str, generation: int, now: datetime) -> bool:
+        """Whether the row moved past `generation`, or an owner with a live lease has sent
+        (or is about to send) its refresh token; a missing row counts as changed."""
+        query = select(
+            grants.c.generation, grants.c.intent_at, grants.c.lease_owner, grants.c.lease_expires_at
+        ).where(grants.c.id == grant_id)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None or row.generation != generation:
+            return True
+        lease_expires = UTCDateTime().process_result_value(
+            row.lease_expires_at, self._engine.dialect
+        )
+        live = row.lease_owner is not None and lease_expires is not None and lease_expires >= now
+        return live and row.intent_at is not None
 
     async def lease_held(self, grant_id: str, now: datetime) -> bool:
         """Whether someone holds a live lease on this grant."""
