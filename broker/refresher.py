@@ -80,6 +80,7 @@ from broker.tasks import Tasks
 LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
 POLL = timedelta(seconds=1)
 FOLLOW_POLL_SECONDS = 0.05
+SWEEP_SECONDS = 5.0  # how often the loop looks for deleted grants and dead owners' leases
 REPLAY_MARGIN = timedelta(seconds=1)
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 256
@@ -213,8 +214,9 @@ class Refresher:
             self.heartbeat = now
             try:
                 watermark = await self._sync(watermark, now)
-                if time.monotonic() - last_sweep > 10:
+                if time.monotonic() - last_sweep > SWEEP_SECONDS:
                     await self._sweep_deleted()
+                    await self._break_dead_leases()
                     last_sweep = time.monotonic()
                 await self._start_due(now)
                 delay = await self._sleep_for(now)
@@ -270,15 +272,21 @@ class Refresher:
         Leases of dead processes on this host are broken first, so recovery happens now,
         inside the provider's grace, not after the leases expire.
         """
-        dead = {owner for owner in await self._repository.lease_owners() if dead_here(owner)}
-        if await self._repository.break_leases(dead):
-            log.warning("broke_dead_leases", owners=len(dead))
+        await self._break_dead_leases()
         pending = [grant for grant in self._cache if grant.intent_at is not None]
         if pending:
             log.warning("recovering_refreshes", grants=len(pending))
         for grant in pending:
             self.refresh(grant)
         return len(pending)
+
+    async def _break_dead_leases(self) -> int:
+        """Free the leases of dead processes on this host (a predecessor, or a sibling)."""
+        dead = {owner for owner in await self._repository.lease_owners() if dead_here(owner)}
+        broken = await self._repository.break_leases(dead)
+        if broken:
+            log.warning("broke_dead_leases", owners=len(dead), grants=broken)
+        return broken
 
     def start(self) -> None:
         """Start the schedule loop."""
@@ -316,6 +324,9 @@ class Refresher:
                 return self._cache.by_id(grant_id)
             now = self._clock()
             grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
+            if grant is None and await self._break_dead_leases():
+                # The holder may have been a process on this host that died mid-refresh.
+                grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
             if grant is not None:
                 if grant.generation != seen and grant.intent_at is None:
                     # Another process refreshed it since we looked: publish, spend nothing.
@@ -407,7 +418,7 @@ class Refresher:
             ):
                 return await self._lost(grant, f"{reason}; the provider's refresh_grace has passed")
             attempt += 1
-            started = time.perf_counter()
+            sent_at, started = self._clock(), time.perf_counter()
             outcome, error, response = await self._call(client, grant)
             self._count(grant, outcome, time.perf_counter() - started, attempt)
             if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):
@@ -421,7 +432,10 @@ class Refresher:
                 outcome=outcome,
                 error=error,
                 response=response,
-                first_sent=first_sent if recovering else None,
+                replayed=recovering,
+                # The IdP issued the pair no earlier than it first saw the token; dating it
+                # from then never believes a token lives longer than it does.
+                issued_at=first_sent if recovering else sent_at,
                 now=self._clock(),
             )
 
@@ -432,21 +446,18 @@ class Refresher:
         outcome: Outcome,
         error: Exception | None,
         response: TokenResponse | None,
-        first_sent: datetime | None,
+        replayed: bool,
+        issued_at: datetime,
         now: datetime,
     ) -> Grant:
-        """Store a known outcome: new tokens, re-authentication, or a back-off.
-
-        `first_sent` is set when the outcome came from a replay: a replayed pair was issued
-        when the IdP first saw the token, so its life is counted from the first send.
-        """
+        """Store a known outcome: new tokens, re-authentication, or a back-off."""
         if outcome is Outcome.SUCCESS:
             assert response is not None
-            if first_sent is not None:
+            if replayed:
                 self._metrics.rotation_recoveries.labels(grant.provider, "recovered").inc()
-            return await self._commit(grant, response, now, issued_at=first_sent or now)
+            return await self._commit(grant, response, now, issued_at=issued_at)
         if outcome is Outcome.TERMINAL:
-            if first_sent is not None:  # the replay was refused: the rotation happened, lost
+            if replayed:  # the replay was refused: the rotation happened and is lost
                 return await self._lost(grant, str(error))
             return await self._settle(
                 grant, GrantState.REAUTH_REQUIRED, str(error), None, grant.refresh_failures
