@@ -32,13 +32,11 @@ from broker.errors import (
 )
 from broker.grants import GrantService, LoginResult
 from broker.idp.client import Pkce, ProviderClient
-from broker.idp.tokens import TokenResponse, parse_expires_in
+from broker.idp.tokens import ASSUMED_LIFETIME, TokenResponse, access_token_in_claim
 from broker.model import Secret, TokenSet
 from broker.store.logins import COMPLETE, FAILED, LoginRecord, LoginRepository, PendingLogin
 
 LOGIN_TTL = timedelta(minutes=10)
-# When a provider omits expires_in, assume a short life rather than serve an expired token.
-ASSUMED_LIFETIME = 300
 # How often a login's grant is re-read and written again when a concurrent write wins.
 STORE_ATTEMPTS = 3
 log = structlog.get_logger("broker.login")
@@ -211,16 +209,4 @@ def _access_token(
         if tokens.access_token is None:
             raise LoginError("the token response carries no access_token")
         return tokens.access_token, tokens.token_type, tokens.expires_in
-    value = claims.get(claim)
-    if not isinstance(value, Mapping):
-        raise LoginError(f"the ID token has no {claim} claim holding an access token")
-    token = value.get("access_token")
-    if not isinstance(token, str) or not token or any(ch.isspace() for ch in token):
-        raise LoginError(f"the ID token's {claim} claim has no usable access_token")
-    token_type = value.get("token_type", "Bearer")
-    token_type = "Bearer" if str(token_type).lower() == "bearer" else str(token_type)
-    try:
-        expires_in = parse_expires_in(value.get("expires_in"))
-    except IdpError:
-        raise LoginError(f"the ID token's {claim} claim has an invalid expires_in") from None
-    return Secret(token), token_type, expires_in
+    return access_token_in_claim(claims, claim)  # IdpError: the login fails with its message

@@ -59,7 +59,7 @@ from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import ConflictError, IdpAmbiguous, IdpError, IdpRejected
 from broker.idp.http import MAX_CALL_SECONDS
-from broker.idp.tokens import TokenResponse, access_token_in_claim
+from broker.idp.tokens import ASSUMED_LIFETIME, TokenResponse, access_token_in_claim
 from broker.metrics import Metrics
 from broker.model import Grant, GrantState, Secret, TokenSet
 from broker.schedule import (
@@ -84,8 +84,6 @@ SWEEP_SECONDS = 5.0  # how often the loop looks for deleted grants and dead owne
 REPLAY_MARGIN = timedelta(seconds=1)
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 256
-# When a provider omits expires_in, assume a short life rather than serve an expired token.
-ASSUMED_LIFETIME = 300
 log = structlog.get_logger("broker.refresher")
 
 

@@ -14,6 +14,8 @@ from broker.idp.http import HttpResponse
 from broker.model import Secret
 
 MAX_LIFETIME = 10 * 365 * 86_400
+# When a provider omits expires_in, assume a short life rather than serve an expired token.
+ASSUMED_LIFETIME = 300
 MAX_DESCRIPTION = 300
 
 
