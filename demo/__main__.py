@@ -81,6 +81,9 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
 
 def main() -> None:
     """Run the demo until Ctrl-C."""
+    # Started from a background job, SIGINT arrives ignored (POSIX shells do that): take it
+    # back, so Ctrl-C (or a test's SIGINT) always stops the demo.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     shutil.rmtree(ROOT, ignore_errors=True)
     ROOT.mkdir(parents=True)
     callback, metrics = free_port(), free_port()
@@ -140,10 +143,18 @@ def main() -> None:
         )
         follow(log_path)
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=20)
-        idp.stop()
+        # A second Ctrl-C while stopping must not leave either server behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if daemon is not None and daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+        finally:
+            idp.stop()
         print("\nstopped the daemon and the identity provider", flush=True)
 
 
