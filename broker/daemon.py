@@ -21,6 +21,7 @@ from aiohttp import web
 from broker.api.app import build_app, build_metrics_app
 from broker.api.callback import build_callback_app
 from broker.api.identity import Policy
+from broker.api.server import start_runner
 from broker.api.sockets import bind_unix
 from broker.cache import GrantCache
 from broker.config import Config, Listen, ProviderConfig
@@ -40,7 +41,6 @@ from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository
 from broker.systemd import notify
 
-SHUTDOWN_TIMEOUT = 10.0  # seconds in-flight requests get to finish after SIGTERM
 READY_CHECK_TIMEOUT = 2.0
 log = structlog.get_logger("broker.daemon")
 
@@ -158,18 +158,18 @@ class Daemon:
             )
             listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
             stack.callback(listener.remove)  # runs after the runner below has drained
-            api = await _start(stack, app)
+            api = await start_runner(stack, app)
             await web.SockSite(api, listener.sock).start()
             if self.config.server.tcp is not None:
                 await _tcp_site(api, self.config.server.tcp).start()
             if self.config.server.metrics is not None:
-                metrics_runner = await _start(stack, build_metrics_app(metrics))
+                metrics_runner = await start_runner(stack, build_metrics_app(metrics))
                 await _tcp_site(metrics_runner, self.config.server.metrics).start()
             callback = self.config.server.callback
             if callback is not None and self.config.providers:
                 redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
                 callback_app = build_callback_app(logins, self.clock, redirect_uris)
-                await _tcp_site(await _start(stack, callback_app), callback).start()
+                await _tcp_site(await start_runner(stack, callback_app), callback).start()
             log.info(
                 "serving",
                 socket=str(self.config.server.socket),
@@ -184,15 +184,6 @@ class Daemon:
             log.info("stopping")
             notify("STOPPING=1", self.environ)
         log.info("stopped")
-
-
-async def _start(stack: contextlib.AsyncExitStack, app: web.Application) -> web.AppRunner:
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
-    )
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
-    return runner
 
 
 @dataclass(frozen=True, slots=True)
