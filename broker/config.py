@@ -19,7 +19,7 @@ from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
-from broker.model import PROVIDER_RE
+from broker.model import PROVIDER_RE, USER_RE
 from broker.tomltable import Table, parse_duration, table_keys, type_name
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "Listen",
     "ProviderConfig",
+    "ReadinessConfig",
     "RefreshConfig",
     "ServerConfig",
     "StoreConfig",
@@ -141,6 +142,15 @@ class ClientConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadinessConfig:
+    """What /readyz demands beyond a working store, keyring and refresh loop."""
+
+    # PROVIDER/USER grants that must be usable (active with a live access token, or
+    # refreshable); while one is not, /readyz answers 503 and names it.
+    required_grants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; `source` names the file it came from."""
 
@@ -150,6 +160,7 @@ class Config:
     refresh: RefreshConfig
     providers: Mapping[str, ProviderConfig]
     clients: tuple[ClientConfig, ...]
+    readiness: ReadinessConfig = ReadinessConfig()
 
 
 def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -181,7 +192,8 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     """Validate parsed TOML; relative paths are resolved against `base_dir`."""
     problems: list[str] = []
     base_dir = base_dir.absolute()
-    root = Table(data, "", problems, ("server", "store", "refresh", "providers", "clients"))
+    sections = ("server", "store", "refresh", "providers", "clients", "readiness")
+    root = Table(data, "", problems, sections)
     server = _parse_server(root.section("server", ServerConfig), base_dir)
     store = _parse_store(root.section("store", StoreConfig), base_dir)
     refresh = _parse_refresh(root.section("refresh", RefreshConfig))
@@ -195,9 +207,10 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         else:
             problems.append(f"providers.{name}: expected a table, got {type_name(table)}")
     clients = _parse_clients(root, providers)
+    readiness = _parse_readiness(root.section("readiness", ReadinessConfig), providers)
     if problems:
         raise ConfigError(source, problems)
-    return Config(source, server, store, refresh, MappingProxyType(providers), clients)
+    return Config(source, server, store, refresh, MappingProxyType(providers), clients, readiness)
 
 
 def _is_loopback(host: str) -> bool:
@@ -405,3 +418,16 @@ def _parse_clients(
                 t.problem(f"grants[{j}]", f"{pattern!r} names no configured provider")
         clients.append(ClientConfig(name, user, uid, group, token, grants, t.flag("admin", False)))
     return tuple(clients)
+
+
+def _parse_readiness(t: Table, providers: Mapping[str, ProviderConfig]) -> ReadinessConfig:
+    names = t.strings("required_grants") or ()
+    for i, name in enumerate(names):
+        provider, sep, user = name.partition("/")
+        if not sep or not PROVIDER_RE.fullmatch(provider) or not USER_RE.fullmatch(user):
+            t.problem(f"required_grants[{i}]", f'{name!r} must be "PROVIDER/USER" (no patterns)')
+        elif provider not in providers:
+            t.problem(f"required_grants[{i}]", f"{name!r} names no configured provider")
+        elif name in names[:i]:
+            t.problem(f"required_grants[{i}]", f"{name!r} is listed twice")
+    return ReadinessConfig(required_grants=names)

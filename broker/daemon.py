@@ -3,18 +3,30 @@
 Start-up order matters: the keyring is loaded and checked against the store *before* any
 migration runs, so a wrong key leaves the database untouched; listeners open only after the
 store is migrated and the cache is loaded; READY=1 goes to systemd only once they listen.
+
+SIGHUP re-reads the config file. A config with any problem is refused whole (the problems are
+logged, the running config stays). A valid one swaps providers, clients ([[clients]]) and the
+required grants in one step of the event loop; refreshes already at an IdP finish with the
+client they started with, and no listener or connection is touched. Settings that shape the
+listeners, the store or the refresh schedule keep their old values until a restart, and the
+log says which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -24,24 +36,27 @@ from broker.api.identity import Policy
 from broker.api.server import start_runner
 from broker.api.sockets import bind_unix
 from broker.cache import GrantCache
-from broker.config import Config, Listen, ProviderConfig
+from broker.config import Config, Listen, ProviderConfig, load_config
 from broker.crypto import Keyring, keyring_path, load_keyring
-from broker.errors import KeyringError
+from broker.errors import BrokerError, ConfigError, KeyringError, StartupError
 from broker.grants import GrantService
 from broker.idp.client import ProviderClient, read_client_secret
 from broker.idp.http import new_session
+from broker.live import LiveMap
 from broker.login import LoginService
 from broker.metrics import Metrics
-from broker.model import Secret
+from broker.model import GrantState, Secret
 from broker.refresher import Refresher
 from broker.schedule import RefreshPolicy
 from broker.store.engine import create_engine
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository
-from broker.systemd import notify
+from broker.systemd import Notifier, activated_sockets, keepalive
+from broker.tasks import Tasks
 
 READY_CHECK_TIMEOUT = 2.0
+API_FD_NAME = "api"  # FileDescriptorName= of the API socket in token-broker.socket
 log = structlog.get_logger("broker.daemon")
 
 
@@ -50,14 +65,48 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class Store:
+    """The repositories over one migrated store."""
+
+    grants: GrantRepository
+    logins: LoginRepository
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What a running daemon is made of; the live maps and the policy change on reload."""
+
+    store: Store
+    session: aiohttp.ClientSession
+    providers: LiveMap[str, ProviderConfig]
+    clients: LiveMap[str, ProviderClient]
+    metrics: Metrics
+    service: GrantService
+    logins: LoginService
+    refresher: Refresher
+    policy: Policy
+
+
 class Daemon:
     """One running broker: store, service, listeners."""
 
-    def __init__(self, config: Config, environ: Mapping[str, str], clock: Callable[[], datetime]):
+    def __init__(
+        self,
+        config: Config,
+        environ: Mapping[str, str],
+        clock: Callable[[], datetime],
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
         self.environ = environ
         self.clock = clock
         self.stopping = asyncio.Event()
+        self.reload_wanted = asyncio.Event()
+        self.notifier = Notifier(environ)
+        self.required = config.readiness.required_grants
+        self.refresher: Refresher | None = None
+        self._config_path = Path(config.source) if config_path is None else config_path
         self._key_path = keyring_path(config.store.key_file, environ)
 
     def load_keys(self) -> Keyring:
@@ -65,7 +114,10 @@ class Daemon:
         return load_keyring(self._key_path)
 
     async def readiness(
-        self, repository: GrantRepository, refresher: Refresher | None = None
+        self,
+        repository: GrantRepository,
+        refresher: Refresher | None = None,
+        service: GrantService | None = None,
     ) -> list[str]:
         """Reasons the daemon is not ready; empty when it is."""
         problems: list[str] = []
@@ -81,6 +133,8 @@ class Daemon:
                 problems.append("keys: the keyring file no longer holds the key in use")
         except KeyringError as exc:
             problems.append(f"keys: {exc}")
+        if service is not None:
+            problems.extend(service.unusable(self.required, self.clock()))
         return problems
 
     @contextlib.asynccontextmanager
@@ -104,100 +158,249 @@ class Daemon:
             await engine.dispose()
 
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        """Serve until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
-        async with self.store() as store, contextlib.AsyncExitStack() as stack:
-            session = await stack.enter_async_context(new_session())
-            clients = {
-                name: ProviderClient(provider, session, _client_secret(provider))
-                for name, provider in self.config.providers.items()
-            }
-            metrics = Metrics(self.config.providers)
-            cache = GrantCache()
-            refresh = self.config.refresh
-            policy = RefreshPolicy(
-                lifetime_fraction=refresh.lifetime_fraction,
-                min_margin=refresh.min_margin,
-                jitter=refresh.jitter,
-            )
-            refresher = Refresher(
-                store.grants,
-                cache=cache,
-                clients=clients,
-                providers=self.config.providers,
-                policy=policy,
-                max_concurrency=refresh.max_concurrency,
-                metrics=metrics,
-                clock=self.clock,
-            )
-            service = GrantService(
-                store.grants,
-                self.config.providers,
-                clients,
-                cache=cache,
-                refresher=refresher,
-                policy=policy,
-                clock=self.clock,
-            )
-            logins = LoginService(store.logins, service, clients)
-            count = await service.load()
-            metrics.watch_grants(lambda: service.gauges(self.clock()))
-            self.refresher = refresher
-            await refresher.recover()
-            stack.push_async_callback(refresher.stop)
-            refresher.start()
-            app = build_app(
-                service=service,
-                logins=logins,
-                metrics=metrics,
-                policy=Policy(self.config.clients, os.getuid()),
-                clock=self.clock,
-                readiness=lambda: self.readiness(store.grants, refresher),
-            )
-            listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
-            stack.callback(listener.remove)  # runs after the runner below has drained
-            api = await start_runner(stack, app)
-            await web.SockSite(api, listener.sock).start()
-            if self.config.server.tcp is not None:
-                await _tcp_site(api, self.config.server.tcp).start()
-            if self.config.server.metrics is not None:
-                metrics_runner = await start_runner(stack, build_metrics_app(metrics))
-                await _tcp_site(metrics_runner, self.config.server.metrics).start()
-            callback = self.config.server.callback
-            if callback is not None and self.config.providers:
-                redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
-                callback_app = build_callback_app(logins, self.clock, redirect_uris)
-                await _tcp_site(await start_runner(stack, callback_app), callback).start()
-            log.info(
-                "serving",
-                socket=str(self.config.server.socket),
-                tcp=_text(self.config.server.tcp),
-                metrics=_text(self.config.server.metrics),
-                callback=_text(callback),
-                grants=count,
-            )
-            notify("READY=1", self.environ)
-            notify(f"STATUS=serving {count} grants", self.environ)
-            await self.stopping.wait()
-            log.info("stopping")
-            notify("STOPPING=1", self.environ)
+        # Installed first: SIGHUP's default action would end a daemon still starting.
+        handlers = {
+            signal.SIGTERM: self.stopping.set,
+            signal.SIGINT: self.stopping.set,
+            signal.SIGHUP: self.reload_wanted.set,
+        }
+        for signum, handler in handlers.items():
+            loop.add_signal_handler(signum, handler)
+        try:
+            await self._run()
+        finally:
+            for signum in handlers:
+                loop.remove_signal_handler(signum)
         log.info("stopped")
 
+    async def _run(self) -> None:
+        async with self.store() as store, contextlib.AsyncExitStack() as stack:
+            rt = await self._build(store, stack)
+            await self._listen(rt, stack)
+            tasks = Tasks()
+            stack.push_async_callback(tasks.cancel_all)
+            self.notifier.ready(self._status(rt))
+            tasks.spawn(self._keepalive(rt), "systemd-keepalive")
+            while not self.stopping.is_set():
+                await _first(tasks, self.stopping, self.reload_wanted)
+                if self.reload_wanted.is_set() and not self.stopping.is_set():
+                    self.reload_wanted.clear()
+                    await self.reload(rt)
+            log.info("stopping")
+            self.notifier.stopping()
 
-@dataclass(frozen=True, slots=True)
-class Store:
-    """The repositories over one migrated store."""
+    async def _build(self, store: Store, stack: contextlib.AsyncExitStack) -> Runtime:
+        session = await stack.enter_async_context(new_session())
+        providers = LiveMap(self.config.providers)
+        clients = LiveMap(_provider_clients(self.config.providers, session, {}))
+        metrics = Metrics(self.config.providers)
+        cache = GrantCache()
+        refresh = self.config.refresh
+        schedule = RefreshPolicy(
+            lifetime_fraction=refresh.lifetime_fraction,
+            min_margin=refresh.min_margin,
+            jitter=refresh.jitter,
+        )
+        refresher = Refresher(
+            store.grants,
+            cache=cache,
+            clients=clients,
+            providers=providers,
+            policy=schedule,
+            max_concurrency=refresh.max_concurrency,
+            metrics=metrics,
+            clock=self.clock,
+        )
+        service = GrantService(
+            store.grants,
+            providers,
+            clients,
+            cache=cache,
+            refresher=refresher,
+            policy=schedule,
+            clock=self.clock,
+        )
+        logins = LoginService(store.logins, service, clients)
+        await service.load()
+        metrics.watch_grants(lambda: service.gauges(self.clock()))
+        self.refresher = refresher
+        await refresher.recover()
+        stack.push_async_callback(refresher.stop)
+        refresher.start()
+        policy = Policy(self.config.clients, os.getuid())
+        return Runtime(
+            store, session, providers, clients, metrics, service, logins, refresher, policy
+        )
 
-    grants: GrantRepository
-    logins: LoginRepository
+    async def _listen(self, rt: Runtime, stack: contextlib.AsyncExitStack) -> None:
+        server = self.config.server
+        app = build_app(
+            service=rt.service,
+            logins=rt.logins,
+            metrics=rt.metrics,
+            policy=rt.policy,
+            clock=self.clock,
+            readiness=lambda: self.readiness(rt.store.grants, rt.refresher, rt.service),
+        )
+        api_socket, activated = self._api_socket(stack)
+        api = await start_runner(stack, app)
+        await web.SockSite(api, api_socket).start()
+        if server.tcp is not None:
+            await _tcp_site(api, server.tcp).start()
+        if server.metrics is not None:
+            metrics_runner = await start_runner(stack, build_metrics_app(rt.metrics))
+            await _tcp_site(metrics_runner, server.metrics).start()
+        if server.callback is not None and self.config.providers:
+            redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
+            callback_app = build_callback_app(rt.logins, self.clock, redirect_uris)
+            await _tcp_site(await start_runner(stack, callback_app), server.callback).start()
+        log.info(
+            "serving",
+            socket=str(server.socket),
+            socket_activated=activated,
+            tcp=_text(server.tcp),
+            metrics=_text(server.metrics),
+            callback=_text(server.callback),
+            grants=sum(rt.service.gauges(self.clock()).by_state.values()),
+        )
+
+    def _api_socket(self, stack: contextlib.AsyncExitStack) -> tuple[socket.socket, bool]:
+        """The API socket: passed in by systemd (socket activation), else bound here."""
+        passed = activated_sockets(self.environ)
+        if not passed:
+            listener = bind_unix(self.config.server.socket, self.config.server.socket_mode)
+            stack.callback(listener.remove)  # runs after the runner has drained
+            return listener.sock, False
+        sock = passed.pop(API_FD_NAME, None)
+        if sock is None and len(passed) == 1:
+            _name, sock = passed.popitem()
+        for other in passed.values():
+            other.close()
+        if sock is None or sock.type != socket.SOCK_STREAM:
+            raise StartupError(
+                f"systemd passed sockets but none is a stream socket named {API_FD_NAME!r}; "
+                f"set FileDescriptorName={API_FD_NAME} in the .socket unit"
+            )
+        sock.setblocking(False)
+        stack.callback(sock.close)  # the socket file belongs to systemd: never unlinked here
+        return sock, True
+
+    async def reload(self, rt: Runtime) -> bool:
+        """Re-read the config file and apply it; False (nothing changed) when it is refused."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_path)
+            clients = _provider_clients(new.providers, rt.session, rt.clients)
+        except BrokerError as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            log.error(
+                "reload_refused",
+                config=str(self._config_path),
+                problems=problems,
+                detail="the running config stays; fix the file and send SIGHUP again",
+            )
+            return False
+        else:
+            self._apply(rt, new, clients)
+            return True
+        finally:
+            self.notifier.ready(self._status(rt))
+
+    def _apply(self, rt: Runtime, new: Config, clients: dict[str, ProviderClient]) -> None:
+        """Swap in `new`; no await in here, so the event loop sees old or new, never a mix."""
+        old = self.config
+        rt.clients.replace(clients)
+        rt.providers.replace(new.providers)
+        rt.metrics.add_providers(new.providers)
+        rt.policy.replace(new.clients)
+        self.required = new.readiness.required_grants
+        restart = [
+            name
+            for name in ("server", "store", "refresh")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if _callback_paths(old) != _callback_paths(new):
+            restart.append("providers.*.redirect_uri (the callback listener's paths)")
+        self.config = dataclasses.replace(
+            new, server=old.server, store=old.store, refresh=old.refresh
+        )
+        log.info(
+            "config_reloaded",
+            config=str(self._config_path),
+            providers_added=sorted(set(new.providers) - set(old.providers)),
+            providers_removed=sorted(set(old.providers) - set(new.providers)),
+            providers_changed=sorted(
+                n
+                for n in set(old.providers) & set(new.providers)
+                if old.providers[n] != new.providers[n]
+            ),
+            clients=len(new.clients),
+            required_grants=len(self.required),
+        )
+        if restart:
+            log.warning(
+                "reload_needs_restart",
+                sections=restart,
+                detail="these settings keep their old values until the daemon restarts",
+            )
+
+    def _status(self, rt: Runtime) -> str:
+        """The STATUS= line: how many grants, by state."""
+        by_state = rt.service.gauges(self.clock()).by_state
+        counts = dict.fromkeys(GrantState, 0)
+        for (_provider, state), count in by_state.items():
+            counts[GrantState(state)] += count
+        total = sum(counts.values())
+        return f"serving {total} grants: " + ", ".join(
+            f"{count} {state.value}" for state, count in counts.items()
+        )
+
+    async def _keepalive(self, rt: Runtime) -> None:
+        """Feed the watchdog while the refresh loop is healthy, and keep STATUS= current."""
+        await keepalive(
+            self.notifier,
+            health=lambda: rt.refresher.stalled(self.clock()),
+            status=lambda: self._status(rt),
+        )
+
+
+async def _first(tasks: Tasks, *events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    waiters = [tasks.spawn(event.wait(), name="wait-event") for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _provider_clients(
+    providers: Mapping[str, ProviderConfig],
+    session: aiohttp.ClientSession,
+    current: Mapping[str, ProviderClient],
+) -> dict[str, ProviderClient]:
+    """A client per provider; an unchanged provider keeps its client (and what it discovered)."""
+    clients: dict[str, ProviderClient] = {}
+    for name, provider in providers.items():
+        secret = _client_secret(provider)
+        existing = current.get(name)
+        if existing is not None and existing.serves(provider, secret):
+            clients[name] = existing
+        else:
+            clients[name] = ProviderClient(provider, session, secret)
+    return clients
 
 
 def _client_secret(provider: ProviderConfig) -> Secret | None:
     if provider.client_secret_file is None:
         return None
     return read_client_secret(provider.client_secret_file)
+
+
+def _callback_paths(config: Config) -> set[str]:
+    return {urlsplit(p.redirect_uri).path or "/" for p in config.providers.values()}
 
 
 def _tcp_site(runner: web.AppRunner, listen: Listen) -> web.TCPSite:
@@ -208,7 +411,9 @@ def _text(listen: Listen | None) -> str | None:
     return None if listen is None else str(listen)
 
 
-async def serve(config: Config, environ: Mapping[str, str] | None = None) -> None:
+async def serve(
+    config: Config, environ: Mapping[str, str] | None = None, config_path: Path | None = None
+) -> None:
     """Run the daemon for `config` until it is told to stop."""
-    daemon = Daemon(config, os.environ if environ is None else environ, utcnow)
+    daemon = Daemon(config, os.environ if environ is None else environ, utcnow, config_path)
     await daemon.run()

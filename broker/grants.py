@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -101,7 +101,7 @@ class GrantService:
     ) -> None:
         self._repository = repository
         self._providers = providers
-        self._clients = clients or {}
+        self._clients = clients if clients is not None else {}
         self._cache = cache if cache is not None else GrantCache()
         self._refresher = refresher
         self._policy = policy or RefreshPolicy()
@@ -341,6 +341,31 @@ class GrantService:
                 ttl = grant.access_ttl(now)
                 min_ttl[grant.provider] = min(ttl, min_ttl.get(grant.provider, ttl))
         return GrantGauges(by_state=dict(by_state), min_ttl=min_ttl)
+
+    def unusable(self, names: Iterable[str], now: datetime) -> list[str]:
+        """Why each of these PROVIDER/USER grants could not be served now; empty when all can.
+
+        Usable means active with a live access token: what /readyz demands of the grants the
+        config marks required. Only states are named, never a provider's error text, since
+        /readyz answers anyone.
+        """
+        problems: list[str] = []
+        for name in names:
+            provider, _, user = name.partition("/")
+            grant = self._cache.get(provider, user)
+            if grant is None:
+                problems.append(
+                    f"grant {name}: not found; log in with: token-broker login {provider} {user}"
+                )
+                continue
+            state = grant.effective_state(now)
+            if state is not GrantState.ACTIVE:
+                problems.append(f"grant {name}: {state.value}")
+            elif grant.access_ttl(now) <= 0:
+                problems.append(
+                    f"grant {name}: no live access token (its refresh has not succeeded)"
+                )
+        return problems
 
     async def store_login(self, result: LoginResult, now: datetime) -> GrantSummary:
         """Store a completed login; a grant held by another `sub` is replaced only with force."""

@@ -87,7 +87,6 @@ class Metrics:
         # `*_created` series double the exposition for no operational use.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = CollectorRegistry(auto_describe=True)
-        self._providers = frozenset(providers)
         r = self.registry
         self.token_requests = Counter(
             PREFIX + "token_requests",
@@ -124,7 +123,12 @@ class Metrics:
             PREFIX + "build_info", "The running version.", ["version"], registry=r
         )
         self.build_info.labels(version=broker.__version__).set(1)
-        for provider in sorted(self._providers):
+        self._providers: frozenset[str] = frozenset()
+        self.add_providers(providers)
+
+    def add_providers(self, providers: Iterable[str]) -> None:
+        """Start series at zero for these providers (a reload may add some; none is dropped)."""
+        for provider in sorted(set(providers) - self._providers):
             for outcome in TOKEN_OUTCOMES:
                 self.token_requests.labels(provider=provider, outcome=outcome)
             for outcome in REFRESH_OUTCOMES:
@@ -132,6 +136,7 @@ class Metrics:
             for outcome in RECOVERY_OUTCOMES:
                 self.rotation_recoveries.labels(provider=provider, outcome=outcome)
             self.refresh_duration.labels(provider=provider)
+        self._providers = self._providers | frozenset(providers)
 
     def provider_label(self, provider: str) -> str:
         """`provider` when it is configured, else `other`: request paths must not mint labels."""

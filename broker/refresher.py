@@ -160,7 +160,8 @@ class Refresher:
         self._clock = clock
         self._rand = rand
         self.owner = owner or owner_id()
-        self._limits = {name: asyncio.Semaphore(max_concurrency) for name in providers}
+        self._max_concurrency = max_concurrency
+        self._limits: dict[str, asyncio.Semaphore] = {}  # per provider, made on first use
         self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
         self._cooldown: dict[str, datetime] = {}
         self._tasks = Tasks()
@@ -239,7 +240,7 @@ class Refresher:
                 self._cache.drop(grant.provider, grant.user)
 
     async def _start_due(self, now: datetime) -> None:
-        for due in await self._repository.due(now, DUE_BATCH, self._limits.keys()):
+        for due in await self._repository.due(now, DUE_BATCH, self._providers.keys()):
             if due.id in self._inflight:
                 continue
             if self._cooldown.get(due.id, now) > now:
@@ -254,7 +255,7 @@ class Refresher:
 
     async def _sleep_for(self, now: datetime) -> float:
         """Until the next grant comes due, at most POLL; a refresh ending wakes the loop."""
-        next_due = await self._repository.next_due_at(now, self._limits.keys())
+        next_due = await self._repository.next_due_at(now, self._providers.keys())
         if next_due is None or next_due <= now:
             # Nothing due, or only what is in flight or cooling down: nothing to start now.
             return POLL.total_seconds()
@@ -317,7 +318,8 @@ class Refresher:
 
     async def _refresh(self, grant_id: str, provider: str, seen: int) -> Grant | None:
         """Refresh one grant whose generation `seen` the caller (or the loop) last saw."""
-        async with self._limits[provider]:
+        limit = self._limits.setdefault(provider, asyncio.Semaphore(self._max_concurrency))
+        async with limit:
             if self._stopping:  # queued behind the provider's limit when shutdown began
                 return self._cache.by_id(grant_id)
             now = self._clock()

@@ -611,3 +611,26 @@ def test_resolve_config_path_precedence() -> None:
     assert resolve_config_path(None, {}) == DEFAULT_CONFIG_PATH
     assert resolve_config_path(None, {CONFIG_ENV: ""}) == DEFAULT_CONFIG_PATH
     assert Path("/etc/token-broker/config.toml") == DEFAULT_CONFIG_PATH
+
+
+# -- [readiness] -----------------------------------------------------------------------------------
+
+
+def test_required_grants_name_configured_providers() -> None:
+    """[readiness] required_grants lists exact PROVIDER/USER names of configured providers."""
+    config = parse(PROVIDER + '\n[readiness]\nrequired_grants = ["p/svc", "p/batch@x"]\n')
+    assert config.readiness.required_grants == ("p/svc", "p/batch@x")
+    assert parse(PROVIDER).readiness.required_grants == ()
+
+
+def test_required_grants_problems_are_all_reported() -> None:
+    """A pattern, a malformed name, an unknown provider and a repeat are each named."""
+    found = problems(
+        PROVIDER + '\n[readiness]\nrequired_grants = ["p/*", "nouser", "q/svc", "p/a", "p/a"]\n'
+    )
+    assert found == [
+        "readiness.required_grants[0]: 'p/*' must be \"PROVIDER/USER\" (no patterns)",
+        "readiness.required_grants[1]: 'nouser' must be \"PROVIDER/USER\" (no patterns)",
+        "readiness.required_grants[2]: 'q/svc' names no configured provider",
+        "readiness.required_grants[4]: 'p/a' is listed twice",
+    ]

@@ -82,14 +82,15 @@ def test_ready_is_sent_to_notify_socket_once_the_socket_answers(
                 first = notify.recv(4096)
             except TimeoutError:
                 pytest.fail(f"no sd_notify datagram in 15s:\n{daemon.log_tail()}")
-            assert first == b"READY=1"
+            assert first.startswith(b"READY=1\nSTATUS=serving 0 grants")
             # Nothing polled the socket before READY: it must answer right away.
             assert request(home.socket, "GET", "/healthz").status == 200
-            assert notify.recv(4096).startswith(b"STATUS=")
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
                 text = reply.read().decode()
             assert f'token_broker_build_info{{version="{broker.__version__}"}} 1.0' in text
-        assert notify.recv(4096) == b"STOPPING=1"
+        while (message := notify.recv(4096)).startswith(b"STATUS="):
+            pass  # the status line, refreshed while serving
+        assert message == b"STOPPING=1\nSTATUS=stopping"
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

@@ -58,6 +58,10 @@ def read_client_secret(path: Path) -> Secret:
 class ProviderClient:
     """Discovery, keys, authorize URLs, code exchange, refresh and revocation for one provider."""
 
+    def serves(self, config: ProviderConfig, client_secret: Secret | None) -> bool:
+        """Whether this client is the one `config` with `client_secret` would build."""
+        return self.config == config and self._secret == client_secret
+
     def __init__(
         self,
         config: ProviderConfig,
