@@ -121,8 +121,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
                     continue  # rows changed under us; the next batch picks them up
                 progress(min(done, total), total)
             print(
-                f"every grant is sealed with {keyring.primary}; restart or reload the daemon "
-                "if it runs with a copied keyring (systemd LoadCredential)"
+                f"every grant is sealed with {keyring.primary}; restart the daemon now if it "
+                "reads a copy of the keyring (systemd LoadCredential): a reload does not re-copy it"
             )
         finally:
             await engine.dispose()
