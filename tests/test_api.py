@@ -8,11 +8,9 @@ caller is admin) or a loopback TCP listener with bearer tokens.
 from __future__ import annotations
 
 import contextlib
-import grp
 import hashlib
 import json
 import os
-import pwd
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,9 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import broker
 from broker.api.app import MAX_BODY_BYTES, build_app
-from broker.api.identity import Caller, Policy
+from broker.api.identity import Policy
+from broker.api.server import Limits, start_runner
 from broker.api.sockets import bind_unix
-from broker.config import ClientConfig, Config, parse_config
+from broker.config import Config, parse_config
 from broker.crypto import Keyring, write_keyring
 from broker.daemon import Daemon
 from broker.errors import ReauthRequired
@@ -107,6 +106,8 @@ class Api:
     clock: Clock
     session: aiohttp.ClientSession
     tcp_url: str | None
+    policy: Policy
+    socket: Path
 
     async def call(
         self,
@@ -170,7 +171,11 @@ def _config(root: Path, clients: Sequence[Mapping[str, object]] = ()) -> Config:
 
 @contextlib.asynccontextmanager
 async def served_api(
-    root: Path, *, clients: Sequence[Mapping[str, object]] = (), tcp: bool = False
+    root: Path,
+    *,
+    clients: Sequence[Mapping[str, object]] = (),
+    tcp: bool = False,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Api]:
     """The daemon's app over a migrated SQLite store, on a Unix socket (and TCP when asked)."""
     config = _config(root, clients)
@@ -185,30 +190,41 @@ async def served_api(
     metrics = Metrics(config.providers)
     metrics.watch_grants(lambda: service.gauges(clock()))
     daemon = Daemon(config, {}, clock)
+    policy = Policy(config.clients, os.getuid())
     logins = LoginService(LoginRepository(engine, repository.sealer), service, {})
     app = build_app(
         service=service,
         logins=logins,
         metrics=metrics,
-        policy=Policy(config.clients, os.getuid()),
+        policy=policy,
         clock=clock,
         readiness=lambda: daemon.readiness(repository),
     )
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     listener = bind_unix(config.server.socket, 0o600)
     try:
-        await web.SockSite(runner, listener.sock).start()
-        tcp_url = None
-        if tcp:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            host, port = next(a for a in runner.addresses if isinstance(a, tuple))[:2]
-            tcp_url = f"http://{host}:{port}"
-        connector = aiohttp.UnixConnector(path=str(listener.path))
-        async with aiohttp.ClientSession(connector=connector) as session:
-            yield Api(root, config, repository, service, metrics, clock, session, tcp_url)
+        async with contextlib.AsyncExitStack() as stack:
+            runner = await start_runner(stack, app, limits)
+            await web.SockSite(runner, listener.sock).start()
+            tcp_url = None
+            if tcp:
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+                host, port = next(a for a in runner.addresses if isinstance(a, tuple))[:2]
+                tcp_url = f"http://{host}:{port}"
+            connector = aiohttp.UnixConnector(path=str(listener.path))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                yield Api(
+                    root,
+                    config,
+                    repository,
+                    service,
+                    metrics,
+                    clock,
+                    session,
+                    tcp_url,
+                    policy,
+                    listener.path,
+                )
     finally:
-        await runner.cleanup()
         listener.remove()
         await engine.dispose()
 
@@ -794,124 +810,19 @@ async def test_tcp_requests_need_a_bearer_and_follow_the_clients_patterns(
         assert _sample(text, name, provider="netid", outcome="forbidden") == 1
 
 
-# -- callers and policy ---------------------------------------------------------------------------
-
-
-def _client(name: str, **fields: Any) -> ClientConfig:
-    values: dict[str, Any] = {
-        "unix_user": None,
-        "unix_uid": None,
-        "unix_group": None,
-        "token_sha256": None,
-        "grants": (),
-        "admin": False,
-    }
-    return ClientConfig(name=name, **(values | fields))
-
-
-UNKNOWN_UID = 54_321
-UNKNOWN_GID = 54_321
-
-
-def test_root_and_the_daemons_own_uid_are_admin() -> None:
-    """uid 0 and the daemon's uid are admin whatever the clients say."""
-    policy = Policy([_client("billing", unix_uid=1000, grants=("techniek/*",))], daemon_uid=999)
-    for uid in (0, 999):
-        caller = policy.unix_caller(uid, UNKNOWN_GID)
-        assert caller.admin
-        assert caller.may_fetch("netid", "anyone")
-
-
-def test_a_uid_matching_a_client_gets_its_patterns_and_no_admin() -> None:
-    """A peer whose uid is a client's unix_uid gets that client's grants, not admin."""
-    policy = Policy([_client("billing", unix_uid=1000, grants=("techniek/*",))], daemon_uid=999)
-    caller = policy.unix_caller(1000, UNKNOWN_GID)
-    assert caller == Caller(name="billing", admin=False, patterns=("techniek/*",), uid=1000)
-    assert caller.may_fetch("techniek", "alice")
-    assert not caller.may_fetch("netid", "alice")
-
-
-def test_an_unknown_uid_gets_nothing() -> None:
-    """A peer matching no client is neither admin nor allowed any grant."""
-    policy = Policy([_client("billing", unix_uid=1000, grants=("*/*",))], daemon_uid=999)
-    caller = policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID)
-    assert not caller.admin
-    assert caller.patterns == ()
-    assert not caller.may_fetch("techniek", "alice")
-
-
-def test_a_unix_user_is_resolved_to_its_uid() -> None:
-    """unix_user matches the uid the passwd database gives that name; an unknown name, nobody."""
-    user = next(p for p in pwd.getpwall() if p.pw_uid not in (0, 999))
-    policy = Policy(
-        [
-            _client("ghost", unix_user="no-such-user-here", grants=("netid/*",)),
-            _client("named", unix_user=user.pw_name, grants=("techniek/*",)),
-        ],
-        daemon_uid=999,
-    )
-    assert policy.unix_caller(user.pw_uid, UNKNOWN_GID).name == "named"
-    assert policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID).name == f"uid:{UNKNOWN_UID}"
-
-
-def test_a_unix_group_matches_the_peers_gid() -> None:
-    """unix_group matches a peer whose gid is that group's, whatever its uid."""
-    group = next(g for g in grp.getgrall() if g.gr_gid != 0)
-    policy = Policy([_client("ops", unix_group=group.gr_name, grants=("netid/*",))], daemon_uid=999)
-    caller = policy.unix_caller(UNKNOWN_UID, group.gr_gid)
-    assert caller.name == "ops"
-    assert caller.may_fetch("netid", "bob")
-    assert not caller.may_fetch("techniek", "bob")
-    assert policy.unix_caller(UNKNOWN_UID, UNKNOWN_GID).name != "ops"
-
-
-def test_a_clients_admin_flag_is_honoured() -> None:
-    """A client with admin = true is admin and may fetch any grant."""
-    policy = Policy([_client("ops", unix_uid=1000, admin=True)], daemon_uid=999)
-    caller = policy.unix_caller(1000, UNKNOWN_GID)
-    assert caller.admin
-    assert caller.may_fetch("netid", "anyone")
-
-
-def test_bearer_tokens_are_matched_by_sha256(new_secret: Callable[[str], str]) -> None:
-    """The client whose token_sha256 is the token's sha256 is the caller; other tokens, none."""
-    token = new_secret("bearer")
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    policy = Policy(
-        [
-            _client("other", token_sha256=hashlib.sha256(b"x").hexdigest()),
-            _client("billing", token_sha256=digest, grants=("techniek/*",)),
-        ],
-        daemon_uid=999,
-    )
-    caller = policy.bearer_caller(token)
-    assert caller == Caller(name="billing", admin=False, patterns=("techniek/*",))
-    assert policy.bearer_caller(new_secret("bearer")) is None
-    assert policy.bearer_caller("") is None
-
-
-@pytest.mark.parametrize(
-    ("pattern", "grant", "allowed"),
-    [
-        ("techniek/alice", "techniek/alice", True),
-        ("techniek/alice", "techniek/alice2", False),
-        ("techniek/*", "techniek/alice", True),
-        ("techniek/*", "netid/alice", False),
-        ("techniek/*", "techniek2/alice", False),
-        ("*/alice", "netid/alice", True),
-        ("*/alice", "netid/bob", False),
-        ("techniek/svc-?", "techniek/svc-1", True),
-        ("techniek/svc-?", "techniek/svc-12", False),
-        ("techniek/[ab]*", "techniek/bob", True),
-        ("techniek/[ab]*", "techniek/carol", False),
-        ("techniek/*", "Techniek/alice", False),
-        ("techniek/Alice", "techniek/alice", False),
-    ],
-)
-def test_may_fetch_matches_globs_over_provider_and_user(
-    pattern: str, grant: str, allowed: bool
-) -> None:
-    """may_fetch is a case-sensitive glob over PROVIDER/USER."""
-    provider, user = grant.split("/")
-    caller = Caller(name="c", admin=False, patterns=(pattern,))
-    assert caller.may_fetch(provider, user) is allowed
+async def test_unauthenticated_requests_count_only_on_the_token_route(tmp_path: Path) -> None:
+    """A 401 on TCP counts as an unauthenticated token request only for GET /v1/tokens/P/U."""
+    async with served_api(tmp_path, tcp=True) as api:
+        for path in (
+            "/v1/tokens/techniek/alice",
+            "/v1/tokens/netid/bob",
+            "/v1/tokens/techniek",
+            "/v1/tokens/techniek/alice/more",
+            "/v1/grants",
+        ):
+            assert_problem(await api.call("GET", path, tcp=True), 401, "unauthenticated")
+        text = await api.metrics_text()
+    name = "token_broker_token_requests_total"
+    assert _sample(text, name, provider="techniek", outcome="unauthenticated") == 1
+    assert _sample(text, name, provider="netid", outcome="unauthenticated") == 1
+    assert _sample(text, "token_broker_token_request_duration_seconds_count") == 2

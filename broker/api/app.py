@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -13,7 +16,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from broker.api import handlers
 from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, POLICY, READINESS, SERVICE
-from broker.api.identity import ANONYMOUS, Caller, Policy, peer_credentials
+from broker.api.identity import ANONYMOUS, Caller, Peer, Policy, read_peer
 from broker.api.problems import OUTCOMES, problem, problem_for, unauthenticated
 from broker.errors import BrokerError
 from broker.grants import GrantService
@@ -21,19 +24,37 @@ from broker.login import LoginService
 from broker.metrics import Metrics
 
 MAX_BODY_BYTES = 64 * 1024
+_TOKEN_ROUTE_NAME = "token"
 _PUBLIC = frozenset({"/healthz", "/readyz", "/metrics"})
+# The peer of each open Unix-socket connection; an entry goes when its transport does.
+PEERS: web.AppKey[weakref.WeakKeyDictionary[asyncio.BaseTransport, Peer]] = web.AppKey("peers")
 log = structlog.get_logger("broker.api")
+
+
+def _peer(request: web.Request) -> Peer | None:
+    """The Unix-socket peer of this request's connection (read on its first request), or None."""
+    transport = request.transport
+    if transport is None:
+        return None
+    peers = request.app[PEERS]
+    peer = peers.get(transport)
+    if peer is None:
+        # asyncio hands out a TransportSocket wrapper, which still answers getsockopt.
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        peer = peers[transport] = read_peer(sock)
+    return peer
 
 
 def _caller(request: web.Request) -> Caller | None:
     """The caller of this request, or None for a TCP request without a valid bearer."""
-    # asyncio hands out a TransportSocket wrapper, which still answers getsockopt.
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family == socket.AF_UNIX:
-        _pid, uid, gid = peer_credentials(sock)
-        return request.app[POLICY].unix_caller(uid, gid)
+    peer = _peer(request)
+    if peer is not None:
+        # The policy is asked on every request, so a reload also governs open connections.
+        return request.app[POLICY].unix_caller(peer.uid, peer.gid, peer.groups)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() != "bearer" or not token.strip():
         return None
     return request.app[POLICY].bearer_caller(token.strip())
 
@@ -44,11 +65,15 @@ async def identify(request: web.Request, handler: Handler) -> web.StreamResponse
     if request.path in _PUBLIC:
         request[CALLER] = ANONYMOUS
         return await handler(request)
+    started = time.perf_counter()
     caller = _caller(request)
     if caller is None:
-        if request.path.startswith("/v1/tokens/"):
-            provider = request.path.split("/")[3] if request.path.count("/") >= 3 else ""
-            request.app[METRICS].count_token_request(provider, OUTCOMES["unauthenticated"], 0.0)
+        if request.match_info.route.name == _TOKEN_ROUTE_NAME:
+            request.app[METRICS].count_token_request(
+                request.match_info["provider"],
+                OUTCOMES["unauthenticated"],
+                time.perf_counter() - started,
+            )
         return unauthenticated("send Authorization: Bearer with a client's token")
     request[CALLER] = caller
     return await handler(request)
@@ -92,7 +117,8 @@ def build_app(
     app[POLICY] = policy
     app[CLOCK] = clock
     app[READINESS] = readiness
-    app.router.add_get("/v1/tokens/{provider}/{user}", handlers.get_token)
+    app[PEERS] = weakref.WeakKeyDictionary()
+    app.router.add_get("/v1/tokens/{provider}/{user}", handlers.get_token, name=_TOKEN_ROUTE_NAME)
     app.router.add_get("/v1/grants", handlers.list_grants)
     app.router.add_post("/v1/grants", handlers.import_grant)
     app.router.add_get("/v1/grants/{provider}/{user}", handlers.get_grant)

@@ -1,27 +1,40 @@
 """Who is calling, and what they may have.
 
-On the Unix socket the kernel tells us the peer's uid and gid (SO_PEERCRED), which cannot be
-forged by the caller. On the optional loopback TCP listener, a bearer token is hashed and
-compared in constant time with each client's `token_sha256`.
+On the Unix socket the kernel tells us who the peer is: its pid, uid and gid (SO_PEERCRED) and
+its supplementary groups (SO_PEERGROUPS), as they were when it connected. The caller cannot
+forge them. On the optional loopback TCP listener, a bearer token is hashed and compared in
+constant time with each client's `token_sha256`.
+
+`Peer` is read once per connection; the `Policy` is consulted on every request, so a config
+reload (`Policy.replace`) governs connections that are already open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fnmatch
+import functools
 import grp
 import hashlib
 import hmac
+import os
 import pwd
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from broker.config import ClientConfig
 
-_UCRED = struct.Struct("3i")  # pid, uid, gid
+# Linux >= 4.13; Python's socket module does not name it.
+SO_PEERGROUPS: int = getattr(socket, "SO_PEERGROUPS", 59)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_GID = struct.Struct("I")  # gid_t: a native 32-bit unsigned int on every Linux
+_SOCKOPT_MAX = 1024  # the largest buffer Python's socket.getsockopt accepts: 256 groups
+_MAX_GROUPS = 65_536  # NGROUPS_MAX on Linux
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +57,84 @@ class Caller:
 ANONYMOUS = Caller(name="anonymous", admin=False)
 
 
-class _HasSockopt(Protocol):
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a Unix socket, as the kernel saw it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]  # supplementary groups
+
+
+class _Socket(Protocol):
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
 
+    def fileno(self) -> int: ...
 
-def peer_credentials(sock: _HasSockopt) -> tuple[int, int, int]:
+
+def peer_credentials(sock: _Socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     return pid, uid, gid
+
+
+def peer_groups(sock: _Socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups (SO_PEERGROUPS); None where the kernel lacks it."""
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _SOCKOPT_MAX)
+    except OSError as exc:
+        if exc.errno == errno.ENOPROTOOPT:
+            return None
+        if exc.errno != errno.ERANGE:
+            raise
+        # More than 256 groups (common for directory users): ask libc, which is not capped.
+        data = _getsockopt_unbounded(sock.fileno(), SO_PEERGROUPS, 2 * _SOCKOPT_MAX)
+    return tuple(gid for (gid,) in _GID.iter_unpack(data))
+
+
+def database_groups(uid: int, gid: int) -> tuple[int, ...]:
+    """The groups the group database gives the user of `uid`; none for a uid without a user."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ()
+    return tuple(os.getgrouplist(name, gid))
+
+
+def read_peer(
+    sock: _Socket, fallback: Callable[[int, int], Iterable[int]] = database_groups
+) -> Peer:
+    """The peer of a Unix socket; its groups from `fallback(uid, gid)` without SO_PEERGROUPS."""
+    pid, uid, gid = peer_credentials(sock)
+    groups = peer_groups(sock)
+    if groups is None:
+        groups = tuple(fallback(uid, gid))
+    return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset(groups))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _getsockopt_unbounded(fd: int, option: int, size: int) -> bytes:
+    """getsockopt(SOL_SOCKET, option) into a buffer grown to what the kernel says it needs."""
+    getsockopt = _libc().getsockopt
+    limit = _MAX_GROUPS * _GID.size
+    for _attempt in range(4):  # the answer is fixed at connect(), so one regrowth suffices
+        buffer = ctypes.create_string_buffer(size)
+        length = ctypes.c_uint32(size)
+        if getsockopt(fd, socket.SOL_SOCKET, option, buffer, ctypes.byref(length)) == 0:
+            return buffer.raw[: length.value]
+        code = ctypes.get_errno()
+        if code != errno.ERANGE or size >= limit:
+            raise OSError(code, os.strerror(code))
+        # On ERANGE Linux writes the size it needs into `length`.
+        size = min(limit, max(length.value, 2 * size))
+    raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,38 +143,75 @@ class _Rule:
     uids: frozenset[int]
     gid: int | None
 
+    def matches(self, uid: int, gid: int, groups: Collection[int]) -> bool:
+        return uid in self.uids or (
+            self.gid is not None and (self.gid == gid or self.gid in groups)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    unix: tuple[_Rule, ...]
+    bearers: tuple[tuple[bytes, ClientConfig], ...]
+
 
 class Policy:
-    """Maps peers to callers using the config's `[[clients]]`; built once per config."""
+    """Maps peers to callers using the config's `[[clients]]`; `replace` swaps them on reload.
+
+    A peer matching several clients gets the union of their grant patterns, and is admin if
+    any of them is. unix_group matches the peer's primary gid or any of its supplementary
+    groups, as the kernel reported them for the connection.
+    """
 
     def __init__(self, clients: Sequence[ClientConfig], daemon_uid: int) -> None:
         self._daemon_uid = daemon_uid
-        self._rules = [_rule(client) for client in clients]
-        self._bearers = [
-            (bytes.fromhex(c.token_sha256), c) for c in clients if c.token_sha256 is not None
-        ]
+        self._rules = _compile(clients)
 
-    def unix_caller(self, uid: int, gid: int) -> Caller:
+    def replace(self, clients: Sequence[ClientConfig]) -> None:
+        """Rebuild the rules from `clients` (names resolved again) and swap them in at once."""
+        rules = _compile(clients)  # may block on the user database; done before the swap
+        self._rules = rules
+
+    def unix_caller(self, uid: int, gid: int, groups: Collection[int] = ()) -> Caller:
         """The caller behind a Unix-socket peer; root and the daemon's own uid are admin."""
         if uid in (0, self._daemon_uid):
             return Caller(name=f"uid:{uid}", admin=True, uid=uid)
-        for rule in self._rules:
-            if uid in rule.uids or (rule.gid is not None and rule.gid == gid):
-                client = rule.client
-                return Caller(name=client.name, admin=client.admin, patterns=client.grants, uid=uid)
-        return Caller(name=f"uid:{uid}", admin=False, uid=uid)
+        matched = [r.client for r in self._rules.unix if r.matches(uid, gid, groups)]
+        if not matched:
+            return Caller(name=f"uid:{uid}", admin=False, uid=uid)
+        return _union(matched, uid)
 
     def bearer_caller(self, token: str) -> Caller | None:
-        """The client whose token_sha256 matches `token`, or None."""
+        """The client(s) whose token_sha256 matches `token`, or None."""
         digest = hashlib.sha256(token.encode()).digest()
-        found: ClientConfig | None = None
-        for expected, client in self._bearers:
+        matched: list[ClientConfig] = []
+        for expected, client in self._rules.bearers:
             # Compare against every entry so timing says nothing about which one matched.
-            if hmac.compare_digest(digest, expected) and found is None:
-                found = client
-        if found is None:
-            return None
-        return Caller(name=found.name, admin=found.admin, patterns=found.grants)
+            if hmac.compare_digest(digest, expected):
+                matched.append(client)
+        return _union(matched, None) if matched else None
+
+
+def _union(clients: Sequence[ClientConfig], uid: int | None) -> Caller:
+    return Caller(
+        name="+".join(c.name for c in clients),
+        admin=any(c.admin for c in clients),
+        patterns=tuple(dict.fromkeys(p for c in clients for p in c.grants)),
+        uid=uid,
+    )
+
+
+def _compile(clients: Sequence[ClientConfig]) -> _Rules:
+    return _Rules(
+        unix=tuple(_rule(c) for c in clients if _has_unix_identity(c)),
+        bearers=tuple(
+            (bytes.fromhex(c.token_sha256), c) for c in clients if c.token_sha256 is not None
+        ),
+    )
+
+
+def _has_unix_identity(client: ClientConfig) -> bool:
+    return (client.unix_uid, client.unix_user, client.unix_group) != (None, None, None)
 
 
 def _rule(client: ClientConfig) -> _Rule:
@@ -101,19 +219,10 @@ def _rule(client: ClientConfig) -> _Rule:
     if client.unix_uid is not None:
         uids.add(client.unix_uid)
     if client.unix_user is not None:
-        with contextlib.suppress(KeyError):  # an unknown user matches nobody
+        with contextlib.suppress(KeyError):  # an unknown user matches nobody (until a reload)
             uids.add(pwd.getpwnam(client.unix_user).pw_uid)
     gid: int | None = None
     if client.unix_group is not None:
-        try:
-            group = grp.getgrnam(client.unix_group)
-        except KeyError:
-            group = None
-        if group is not None:
-            gid = group.gr_gid
-            for member in group.gr_mem:
-                try:
-                    uids.add(pwd.getpwnam(member).pw_uid)
-                except KeyError:
-                    continue
+        with contextlib.suppress(KeyError):  # likewise an unknown group
+            gid = grp.getgrnam(client.unix_group).gr_gid
     return _Rule(client=client, uids=frozenset(uids), gid=gid)
