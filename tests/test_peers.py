@@ -924,8 +924,12 @@ async def test_an_oversized_request_head_is_refused_and_the_connection_closed(
     async with served_api(tmp_path) as api, _connection(api.socket) as (r, w):
         w.write(head)
         _, received = await _closed_within(r, w, 10.0)
-    status_line = received.partition(b"\r\n")[0]
+    status_line, _, rest = received.partition(b"\r\n")
     assert status_line.split()[1:2] == [b"400"], what
+    head_fields, _, body = rest.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head_fields.lower(), what
+    assert json.loads(body)["code"] == "bad_request"
+    assert head[20:60] not in received  # the refused bytes are not echoed back
 
 
 async def test_a_request_head_just_within_the_limits_is_served(tmp_path: Path) -> None:

@@ -144,7 +144,6 @@ async def test_the_watchdog_is_fed_only_while_the_refresh_loop_is_healthy(
         "keepalive",
     )
 
-
     async def read_for(seconds: float) -> None:
         # Read as systemd would: a full queue would make the notifier drop messages.
         for _ in range(round(seconds / 0.01)):

@@ -244,8 +244,12 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raise BadRequest("send a JSON body with Content-Type: application/json")
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON") from None
+        # A lone surrogate (a "\ud800" escape) is valid JSON but no text the store can keep.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError):
+        raise BadRequest("the body is not valid JSON in UTF-8") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body

@@ -4,7 +4,9 @@ The daemon builds its listeners through `start_runner`, so connection-level limi
 request may be, how long a client may take to send it) are set in one place:
 
 - the request head: line and header sizes and the number of headers are capped by aiohttp's
-  parser; past them the client gets a 400 and the connection closes;
+  parser; past them (or on malformed HTTP) the client gets a 400 problem and the connection
+  closes. aiohttp's own answer would be plain text quoting the start of the offending line,
+  and its log would quote it too, which for an Authorization header is part of a token;
 - a connection must deliver a complete request head within `idle_timeout` of opening, or of
   its previous response. aiohttp's keep-alive timer does this: it is armed at those two
   moments and is not pushed back by bytes that arrive, so a head trickled a byte at a time
@@ -22,8 +24,11 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from broker.api.problems import problem
 
@@ -33,6 +38,7 @@ BODY_TIMEOUT = 10.0  # seconds a request's body may take to arrive after its hea
 MAX_LINE_SIZE = 8190  # bytes in the request line (method, target, version)
 MAX_FIELD_SIZE = 8190  # bytes in one header line
 MAX_HEADERS = 64  # header lines in one request
+log = structlog.get_logger("broker.api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,11 @@ async def start_runner(
         max_headers=limits.max_headers,
     )
     await runner.setup()
+    assert runner.server is not None
+    # aiohttp offers no hook for how a connection answers what it cannot parse; its factory's
+    # class is swapped for one that makes connections answering with a problem. Guarded by
+    # tests/test_openapi.py::test_a_request_head_over_the_limits_is_a_400_problem.
+    runner.server.__class__ = _ProblemServer
     stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
     return runner
 
@@ -99,3 +110,40 @@ async def _too_slow(request: web.Request, seconds: float) -> web.StreamResponse:
     # Close now rather than drain the rest of a body that is known to trickle.
     request.protocol.force_close()
     return response
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse with a problem."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,  # noqa: ARG002 - aiohttp's signature; it quotes the request
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun; no error answer can follow it")
+        # Neither aiohttp's message nor the exception's is logged: both quote request bytes.
+        log.warning("unparsable_request", status=status, error=type(exc).__name__)
+        if status < 500:
+            response = problem(
+                400,
+                "bad_request",
+                "Bad request",
+                "the request is not well-formed HTTP or its head is over the limits: request "
+                f"line and header lines up to {MAX_LINE_SIZE} bytes, up to {MAX_HEADERS} headers",
+            )
+        else:
+            response = problem(
+                500, "internal_error", "Internal error", "the broker failed; see its log"
+            )
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    """The protocol factory of a runner, making `_ProblemRequestHandler` connections."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
