@@ -42,7 +42,7 @@ class _UnixConnection(http.client.HTTPConnection):
 class BrokerClient:
     """Calls the daemon's HTTP API over its Unix socket."""
 
-    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: Path, timeout: float = 60.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 

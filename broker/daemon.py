@@ -133,6 +133,13 @@ class Daemon:
                 problems.append("keys: the keyring file no longer holds the key in use")
         except KeyringError as exc:
             problems.append(f"keys: {exc}")
+        try:
+            # Grants sealed under a key this process lacks (rotated by `keys rotate` while it
+            # reads a copied keyring) cannot be refreshed until it restarts.
+            unopened = await asyncio.wait_for(repository.verify_keys(), READY_CHECK_TIMEOUT)
+            problems.extend(f"keys: {p}; restart the daemon" for p in unopened)
+        except Exception as exc:  # noqa: BLE001 - reported above as a store problem
+            log.debug("key_check_failed", error=type(exc).__name__)
         if service is not None:
             problems.extend(service.unusable(self.required, self.clock()))
         return problems
@@ -248,14 +255,14 @@ class Daemon:
         api = await start_runner(stack, app)
         await web.SockSite(api, api_socket).start()
         if server.tcp is not None:
-            await _tcp_site(api, server.tcp).start()
+            await _start_tcp(api, server.tcp, "tcp")
         if server.metrics is not None:
             metrics_runner = await start_runner(stack, build_metrics_app(rt.metrics))
-            await _tcp_site(metrics_runner, server.metrics).start()
+            await _start_tcp(metrics_runner, server.metrics, "metrics")
         if server.callback is not None and self.config.providers:
             redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
             callback_app = build_callback_app(rt.logins, self.clock, redirect_uris)
-            await _tcp_site(await start_runner(stack, callback_app), server.callback).start()
+            await _start_tcp(await start_runner(stack, callback_app), server.callback, "callback")
         log.info(
             "serving",
             socket=str(server.socket),
@@ -403,8 +410,14 @@ def _callback_paths(config: Config) -> set[str]:
     return {urlsplit(p.redirect_uri).path or "/" for p in config.providers.values()}
 
 
-def _tcp_site(runner: web.AppRunner, listen: Listen) -> web.TCPSite:
-    return web.TCPSite(runner, listen.host, listen.port)
+async def _start_tcp(runner: web.AppRunner, listen: Listen, key: str) -> None:
+    try:
+        await web.TCPSite(runner, listen.host, listen.port).start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {listen} (server.{key}): {exc.strerror or exc}; "
+            f"stop what uses it or change server.{key}"
+        ) from None
 
 
 def _text(listen: Listen | None) -> str | None:

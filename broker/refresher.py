@@ -57,7 +57,7 @@ import structlog
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
-from broker.errors import ConflictError, IdpAmbiguous, IdpError, IdpRejected
+from broker.errors import BrokerError, ConflictError, IdpAmbiguous, IdpError, IdpRejected
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.idp.tokens import ASSUMED_LIFETIME, TokenResponse, access_token_in_claim
 from broker.metrics import Metrics
@@ -200,6 +200,11 @@ class Refresher:
     def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
         if self._inflight.get(grant_id) is task:
             del self._inflight[grant_id]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Failed before its IdP call (reading or claiming the grant): say so, without the
+            # exception's text, which for a database error may quote stored values.
+            detail = str(exc) if isinstance(exc, BrokerError) else type(exc).__name__
+            log.error("refresh_not_started", grant_id=grant_id, error=detail)
         self._wake.set()  # the loop's view of what is due has changed
 
     # -- the schedule loop -----------------------------------------------------------------

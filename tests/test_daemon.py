@@ -8,6 +8,8 @@ import json
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from broker.store.engine import create_engine
 from broker.store.migrate import current_revision, head_revision, upgrade
 from tests.daemon import (
     Home,
+    clean_env,
     failed_start,
     free_port,
     make_home,
@@ -285,3 +288,56 @@ def test_a_key_file_readable_by_others_refuses_to_start(tmp_path: Path, log_dir:
     assert code == 1, log
     assert f"chmod 600 {home.key_file}" in log
     assert not home.db.exists()
+
+
+def test_a_tcp_port_in_use_is_a_clean_startup_error(tmp_path: Path, log_dir: Path) -> None:
+    """A metrics port another process holds: one startup_failed line naming the key, exit 1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        home = make_home(tmp_path, metrics=f"127.0.0.1:{port}")
+        code, log = failed_start(home, log_dir, name="port-in-use")
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port} (server.metrics)" in log
+    assert "Traceback" not in log
+
+
+def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A keyring rotated behind a daemon reading a copy (LoadCredential): 503, and a logged 500."""
+    home = make_home(tmp_path)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    copy = credentials / "token-broker-keys"
+    copy.write_bytes(home.key_file.read_bytes())
+    copy.chmod(0o600)
+    env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    with running_daemon(home, log_dir, env=env) as daemon:
+        body = {
+            "provider": "techniek",
+            "user": "alice",
+            "refresh_token": new_secret("refresh"),
+            "access_token": new_secret("access"),
+            "expires_in": 3600,
+        }
+        assert request(home.socket, "POST", "/v1/grants", body).status == 201
+        assert request(home.socket, "GET", "/readyz").status == 200
+        rotated = subprocess.run(
+            [sys.executable, "-m", "broker", "-c", str(home.config), "keys", "rotate"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+            check=False,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        ready = request(home.socket, "GET", "/readyz")
+        assert ready.status == 503
+        [problem] = ready.json()["problems"]
+        assert problem.startswith("keys: ")
+        assert problem.endswith("; restart the daemon")
+        # An admin read of the re-sealed grant fails; the log says why, as the answer promises.
+        assert request(home.socket, "GET", "/v1/grants/techniek/alice").status == 500
+        assert '"event": "request_failed"' in daemon.log()

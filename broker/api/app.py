@@ -85,7 +85,17 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except BrokerError as exc:
-        return problem_for(exc)
+        response = problem_for(exc)
+        if response.status >= 500 and response.status != 503:
+            # The answer says "see its log": say it there. Broker errors carry no secrets.
+            log.error(
+                "request_failed",
+                method=request.method,
+                path=request.path,
+                error=str(exc),
+                kind=type(exc).__name__,
+            )
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
