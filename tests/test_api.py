@@ -442,6 +442,30 @@ async def test_min_ttl_must_be_a_whole_number_in_range(
     assert "min_ttl" in body["detail"]
 
 
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ("minttl=60", "unknown query parameter 'minttl'"),
+        ("min_ttl=0&=null", "unknown query parameter ''"),
+        ("min_ttl=60&min_ttl=0", "give min_ttl once"),
+    ],
+)
+async def test_unknown_or_repeated_query_parameters_are_refused(
+    api: Api, new_secret: Callable[[str], str], query: str, detail: str
+) -> None:
+    """A misspelt or repeated parameter is a 400, not silently ignored."""
+    await api.import_grant(
+        provider="techniek",
+        user="alice",
+        refresh_token=new_secret("rt"),
+        access_token=new_secret("at"),
+        expires_in=3600,
+    )
+    reply = await api.call("GET", f"/v1/tokens/techniek/alice?{query}")
+    body = assert_problem(reply, 400, "bad_request")
+    assert body["detail"].startswith(detail)
+
+
 @pytest.mark.parametrize("min_ttl", ["0", "60", "86400"])
 async def test_a_valid_min_ttl_below_the_tokens_life_is_served(
     api: Api, new_secret: Callable[[str], str], min_ttl: str

@@ -78,6 +78,13 @@ async def get_token(request: web.Request) -> web.Response:
 
 
 def _min_ttl(request: web.Request) -> int | None:
+    # A misspelt parameter ("minttl") silently ignored would hand out a token about to expire.
+    unknown = sorted({name for name in request.query if name != "min_ttl"})
+    if unknown:
+        names = ", ".join(repr(name[:32]) for name in unknown[:5])
+        raise BadRequest(f"unknown query parameter {names}; this route takes only min_ttl")
+    if len(request.query.getall("min_ttl", [])) > 1:
+        raise BadRequest("give min_ttl once")
     raw = request.query.get("min_ttl")
     if raw is None:
         return None
