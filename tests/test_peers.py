@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -458,6 +459,25 @@ def test_a_supplementary_group_named_by_unix_group_admits_its_members(
     assert (without[0].status, without[0].code()) == (403, "forbidden")
     assert _served(without[1], broker.tokens["techniek/bob"]), without[1].status
     assert (without[2].status, without[2].code()) == (403, "forbidden")
+
+
+@needs_root
+def test_sighup_admits_a_uid_added_to_the_clients(accounts: Accounts, broker: PeerBroker) -> None:
+    """A uid refused before a reload is served after SIGHUP adds a [[clients]] entry for it."""
+    calls = _token_calls("techniek/alice")
+    (before,) = run_as(accounts, accounts.stranger, broker.home.socket, calls)
+    assert (before.status, before.code()) == (403, "forbidden")
+    entry = f'\n[[clients]]\nname = "late"\nunix_uid = {accounts.stranger.uid}\n'
+    broker.home.config.write_text(
+        broker.home.config.read_text() + entry + 'grants = ["techniek/alice"]\n'
+    )
+    os.kill(broker.daemon.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while '"event": "config_reloaded"' not in broker.daemon.log():
+        assert time.monotonic() < deadline, broker.daemon.log_tail()
+        time.sleep(0.02)
+    (after,) = run_as(accounts, accounts.stranger, broker.home.socket, calls)
+    assert _served(after, broker.tokens["techniek/alice"]), after.status
 
 
 @needs_root
