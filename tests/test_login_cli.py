@@ -8,6 +8,7 @@ person on another machine would, and waits for the command to exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ PROVIDER, USER = "techniek", "alice"
 CLI_TIMEOUT = 30.0  # seconds for the command to print its URL, and to exit after the redirect
 
 
-async def run_login(broker: Broker, *, approve: bool) -> tuple[int, str, str, str]:
+async def run_login(
+    broker: Broker, *, approve: bool, extra: tuple[str, ...] = ()
+) -> tuple[int, str, str, str]:
     """Run the login command, sign in at the URL it prints; (exit code, URL, stdout, stderr)."""
     command = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -37,6 +40,7 @@ async def run_login(broker: Broker, *, approve: bool) -> tuple[int, str, str, st
         str(broker.config_path),
         "--poll-interval",
         "0.05",
+        *extra,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -86,3 +90,18 @@ async def test_cli_login_exits_1_with_the_reason_on_stderr_when_consent_is_denie
         assert "login failed" in err
         assert "access_denied" in err
         assert (await broker.grant(PROVIDER, USER)).status == 404
+
+
+async def test_cli_login_with_json_prints_the_outcome_after_the_url(
+    tmp_path: Path, log_dir: Path, shared_idp: DjangoIdP
+) -> None:
+    """With --json the URL keeps its own first line, and the completed login follows as JSON."""
+    providers = {PROVIDER: techniek(shared_idp)}
+    async with serving_broker(tmp_path, log_dir, providers, process=True) as broker:
+        code, url, out, err = await run_login(broker, approve=True, extra=("--json",))
+        assert code == 0, err
+        first, rest = out.split("\n", 1)
+        assert first == url
+        outcome = json.loads(rest)
+        assert set(outcome) == {"login_id", "state"}
+        assert outcome["state"] == "complete"

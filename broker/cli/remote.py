@@ -141,6 +141,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         status = call(args, "GET", f"/v1/logins/{started['login_id']}")
         if status["state"] == "complete":
             print(f"logged in: {args.provider}/{args.user}", file=sys.stderr)
+            if args.json:  # after the URL's own line: the outcome, for scripts
+                print_json({"login_id": started["login_id"], **status})
             return EXIT_OK
         if status["state"] == "failed":
             raise CliError(f"login failed: {status.get('error', 'no reason given')}")
