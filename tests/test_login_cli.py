@@ -103,5 +103,9 @@ async def test_cli_login_with_json_prints_the_outcome_after_the_url(
         first, rest = out.split("\n", 1)
         assert first == url
         outcome = json.loads(rest)
-        assert set(outcome) == {"login_id", "state"}
-        assert outcome["state"] == "complete"
+        assert (outcome["state"], outcome["provider"], outcome["user"]) == (
+            "complete",
+            PROVIDER,
+            USER,
+        )
+        assert outcome["login_id"]
