@@ -1,4 +1,4 @@
-"""The refresher: proactive refresh with strict, crash-safe refresh-token rotation.
+"""The refresher: proactive refresh, one refresh per grant at a time, leases and recovery.
 
 Read this against ROTATION.md; each step names the invariant it keeps.
 
@@ -11,28 +11,14 @@ One refresh of one grant (`_refresh`):
    The lease outlives the longest possible IdP call (`LEASE` > `MAX_CALL_SECONDS`), and every
    later write is guarded by `lease_owner = me AND generation = g`: the generation fences off
    a process that lost its lease.
-2. Intent before send (4). `mark_sent` commits `intent_at` before the refresh token leaves.
-   A process that dies after this point leaves the intent behind; whoever claims the grant
-   next sees it and treats the refresh as one whose outcome is unknown.
-3. The call's outcome is classified by `broker.idp` (never sent / rejected / ambiguous) and
-   turned into a decision by `broker.schedule.decide`:
-   - success: one compare-and-swap writes the new refresh token, access token, expiry and
-     generation + 1, and clears intent and lease; only then does the cache (and so any
-     caller) see the new access token (2, persist before publish);
-   - terminal (invalid_grant, invalid_client, unauthorized_client): reauth_required with the
-     reason; the old access token is still served until it really expires (5);
-   - transient (the request never reached the IdP, 429, a non-terminal OAuth error): nothing
-     is deleted; the next attempt is scheduled with exponential, jittered back-off that
-     honours Retry-After (5);
-   - ambiguous (read timeout, reset after send, 5xx, an unusable 200): the same refresh token
-     is presented again only while `now < first send + refresh_grace` (3); outside the grace,
-     or when there is none, the grant becomes reauth_required with reason rotation_lost and
-     rotation_recoveries_total{outcome="lost"} counts it (4, 7). Replays are bounded by the
-     grace window: nothing ever loops on a spent token.
-4. Refresh ahead of need (6): after a success the next refresh is scheduled at
-   `lifetime_fraction` of the new token's life, no later than `min_margin` before expiry,
-   with jitter; the schedule loop starts due refreshes with at most `max_concurrency` in
-   flight per provider.
+2. The claimed grant's refresh token is spent by `broker.rotation` (intent before send, replay
+   inside grace, the compare-and-swap commit, back-off, rotation_lost; its docstring walks
+   through them against invariants 2 to 7). Only after the rotation's commit does the cache
+   (and so any caller) see the new access token (2, persist before publish). A refresh that is
+   fenced off (ConflictError) publishes whatever the store holds now; one cancelled mid-call
+   releases its lease and leaves its intent for recovery.
+3. Refresh ahead of need (6): the rotation schedules each grant's next refresh; the schedule
+   loop starts due refreshes with at most `max_concurrency` in flight per provider.
 
 The schedule loop (`run`) asks the store for due grants through an index, sleeps until the
 next due time (at most `POLL` seconds, to notice other processes' writes), and reloads grants
@@ -49,31 +35,32 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
 
 import structlog
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
-from broker.errors import BrokerError, ConflictError, IdpAmbiguous, IdpError, IdpRejected
+from broker.errors import BrokerError, ConflictError
 from broker.idp.http import MAX_CALL_SECONDS
-from broker.idp.tokens import ASSUMED_LIFETIME, TokenResponse, access_token_in_claim
 from broker.metrics import Metrics
-from broker.model import Grant, GrantState, Secret, TokenSet
-from broker.schedule import (
-    ROTATION_LOST,
-    Decision,
-    Outcome,
-    RefreshPolicy,
-    backoff,
-    decide,
-    due_at,
-    replay_delay,
-)
+from broker.model import Grant
+from broker.rotation import REPLAY_MARGIN, Rotation, TokenClient
+from broker.schedule import RefreshPolicy, backoff, replay_delay
 from broker.store.repository import GrantRepository
 from broker.tasks import Tasks
+
+__all__ = [
+    "LEASE",
+    "POLL",
+    "REPLAY_MARGIN",
+    "STALL_AFTER",
+    "SWEEP_SECONDS",
+    "Refresher",
+    "TokenClient",
+    "dead_here",
+    "owner_id",
+]
 
 # The lease must outlive the longest IdP call, or a second owner could start while the first
 # is still waiting for its answer.
@@ -81,29 +68,9 @@ LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
 POLL = timedelta(seconds=1)
 FOLLOW_POLL_SECONDS = 0.05
 SWEEP_SECONDS = 5.0  # how often the loop looks for deleted grants and dead owners' leases
-REPLAY_MARGIN = timedelta(seconds=1)
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 256
 log = structlog.get_logger("broker.refresher")
-
-
-class TokenClient(Protocol):
-    """What the refresher needs from a provider (ProviderClient; a model IdP in tests)."""
-
-    async def refresh(self, refresh_token: Secret) -> TokenResponse:
-        """Spend a refresh token; IdpRejected, IdpAmbiguous or IdpError when it fails."""
-        ...
-
-    async def check_id_token(
-        self,
-        id_token: Secret,
-        *,
-        nonce: str | None,
-        now: datetime,
-        access_token: Secret | None = None,
-    ) -> dict[str, Any]:
-        """The validated claims of an ID token."""
-        ...
 
 
 def owner_id() -> str:
@@ -135,7 +102,7 @@ def dead_here(owner: str) -> bool:
 
 
 class Refresher:
-    """Keeps every active grant's access token fresh; the only code that spends refresh tokens."""
+    """Keeps every active grant's access token fresh; its Rotation alone spends refresh tokens."""
 
     def __init__(
         self,
@@ -153,13 +120,25 @@ class Refresher:
     ) -> None:
         self._repository = repository
         self._cache = cache
-        self._clients = clients
         self._providers = providers
         self._policy = policy
-        self._metrics = metrics
         self._clock = clock
         self._rand = rand
         self.owner = owner or owner_id()
+        self._rotation = Rotation(
+            repository,
+            clients=clients,
+            providers=providers,
+            policy=policy,
+            metrics=metrics,
+            clock=clock,
+            rand=rand,
+            owner=self.owner,
+            lease=LEASE,
+            # Taken from this module as the refresher is built, so that a test can move the
+            # pauses between replays onto a hand clock by replacing broker.refresher.replay_delay.
+            pause=replay_delay,
+        )
         self._max_concurrency = max_concurrency
         self._limits: dict[str, asyncio.Semaphore] = {}  # per provider, made on first use
         self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
@@ -168,9 +147,6 @@ class Refresher:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
-        # Grants whose refresh token has been (or is being) sent: their cached access token
-        # may already be dead at the IdP (django-oauth-toolkit deletes it on rotation).
-        self._rotating: set[str] = set()
         self.heartbeat: datetime | None = None
 
     # -- single flight ---------------------------------------------------------------------
@@ -195,7 +171,7 @@ class Refresher:
 
     def is_rotating(self, grant_id: str) -> bool:
         """Whether this grant's refresh token is at the IdP right now."""
-        return grant_id in self._rotating
+        return grant_id in self._rotation.rotating
 
     def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
         if self._inflight.get(grant_id) is task:
@@ -343,20 +319,20 @@ class Refresher:
 
     async def _run_claimed(self, grant: Grant) -> Grant | None:
         try:
-            result = await self._rotate(grant)
+            result = await self._rotation.rotate(grant)
         except asyncio.CancelledError:
-            self._rotating.discard(grant.id)
+            self._rotation.rotating.discard(grant.id)
             await self._release(grant)  # any open intent stays, for recovery
             raise
         except ConflictError as exc:
-            self._rotating.discard(grant.id)
+            self._rotation.rotating.discard(grant.id)
             # Fenced off (an admin replaced the tokens, or the lease was taken over):
             # whatever the store holds now wins.
             log.warning("refresh_fenced_off", grant=grant.name, reason=str(exc))
             await self._release(grant)
             return await self._reload(grant.id)
         except Exception:
-            self._rotating.discard(grant.id)
+            self._rotation.rotating.discard(grant.id)
             log.exception("refresh_failed_unexpectedly", grant=grant.name)
             self._cooldown[grant.id] = self._clock() + backoff(
                 grant.refresh_failures + 1, self._policy, self._rand()
@@ -365,7 +341,7 @@ class Refresher:
             return None
         self._cooldown.pop(grant.id, None)
         self._cache.put(result)  # published only now, after the commit
-        self._rotating.discard(grant.id)
+        self._rotation.rotating.discard(grant.id)
         return result
 
     async def _follow(self, grant_id: str) -> Grant | None:
@@ -391,210 +367,3 @@ class Refresher:
             await asyncio.shield(self._repository.release(grant.id, self.owner))
         except Exception:  # noqa: BLE001 - the lease expires by itself
             log.warning("lease_release_failed", grant=grant.name)
-
-    async def _rotate(self, grant: Grant) -> Grant:
-        refresh_token = grant.tokens.refresh_token
-        if refresh_token is None:
-            # Nothing to spend: served until expiry, then the grant needs a login.
-            return await self._settle(grant, grant.state, None, None, 0)
-        client = self._clients[grant.provider]
-        grace = self._providers[grant.provider].refresh_grace
-        recovering = grant.intent_at is not None
-        self._rotating.add(grant.id)
-        if grant.intent_at is None:
-            first_sent = self._clock()
-            await self._repository.mark_sent(grant.id, grant.generation, self.owner, first_sent)
-        else:
-            first_sent = grant.intent_at
-            log.warning("refresh_outcome_unknown", grant=grant.name, generation=grant.generation)
-        attempt, reason = 0, "a refresh was cut short and its outcome is unknown"
-        while True:
-            # Checked before every send, after every pause: a replay must reach the IdP while
-            # its grace lasts, with a margin for the clocks of two machines.
-            if (
-                recovering
-                and decide(
-                    Outcome.AMBIGUOUS,
-                    now=self._clock() + REPLAY_MARGIN,
-                    first_sent_at=first_sent,
-                    grace=grace,
-                )
-                is Decision.LOST
-            ):
-                return await self._lost(grant, f"{reason}; the provider's refresh_grace has passed")
-            attempt += 1
-            sent_at, started = self._clock(), time.perf_counter()
-            outcome, error, response = await self._call(client, grant)
-            self._count(grant, outcome, time.perf_counter() - started, attempt)
-            if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):
-                # Unknown again (or a replay did not get through): replay while grace lasts.
-                recovering, reason = True, str(error)
-                await self._extend(grant)
-                await asyncio.sleep(replay_delay(attempt).total_seconds())
-                continue
-            return await self._conclude(
-                grant,
-                outcome=outcome,
-                error=error,
-                response=response,
-                replayed=recovering,
-                # The IdP issued the pair no earlier than it first saw the token; dating it
-                # from then never believes a token lives longer than it does.
-                issued_at=first_sent if recovering else sent_at,
-                now=self._clock(),
-            )
-
-    async def _conclude(
-        self,
-        grant: Grant,
-        *,
-        outcome: Outcome,
-        error: Exception | None,
-        response: TokenResponse | None,
-        replayed: bool,
-        issued_at: datetime,
-        now: datetime,
-    ) -> Grant:
-        """Store a known outcome: new tokens, re-authentication, or a back-off."""
-        if outcome is Outcome.SUCCESS:
-            assert response is not None
-            if replayed:
-                self._metrics.rotation_recoveries.labels(grant.provider, "recovered").inc()
-            return await self._commit(grant, response, now, issued_at=issued_at)
-        if outcome is Outcome.TERMINAL:
-            if replayed:  # the replay was refused: the rotation happened and is lost
-                return await self._lost(grant, str(error))
-            return await self._settle(
-                grant, GrantState.REAUTH_REQUIRED, str(error), None, grant.refresh_failures
-            )
-        failures = grant.refresh_failures + 1
-        retry_after = error.retry_after if isinstance(error, IdpError) else None
-        delay = backoff(failures, self._policy, self._rand(), retry_after)
-        return await self._settle(grant, GrantState.ACTIVE, str(error), now + delay, failures)
-
-    async def _call(
-        self, client: TokenClient, grant: Grant
-    ) -> tuple[Outcome, Exception | None, TokenResponse | None]:
-        assert grant.tokens.refresh_token is not None
-        try:
-            response = await client.refresh(grant.tokens.refresh_token)
-        except IdpRejected as exc:
-            return (Outcome.TERMINAL if exc.terminal else Outcome.TRANSIENT), exc, None
-        except IdpAmbiguous as exc:
-            return Outcome.AMBIGUOUS, exc, None
-        except IdpError as exc:
-            return Outcome.TRANSIENT, exc, None
-        return Outcome.SUCCESS, None, response
-
-    def _count(self, grant: Grant, outcome: Outcome, seconds: float, attempt: int) -> None:
-        self._metrics.refresh.labels(grant.provider, outcome.value).inc()
-        self._metrics.refresh_duration.labels(grant.provider).observe(seconds)
-        log.info(
-            "refresh",
-            grant=grant.name,
-            generation=grant.generation,
-            outcome=outcome.value,
-            attempt=attempt,
-            duration_ms=round(seconds * 1000, 1),
-        )
-
-    async def _commit(
-        self, grant: Grant, response: TokenResponse, now: datetime, issued_at: datetime
-    ) -> Grant:
-        """Store a successful refresh (the only place a new refresh token is written)."""
-        config = self._providers[grant.provider]
-        refresh_token = response.refresh_token
-        if refresh_token is None and not config.rotates_refresh_tokens:
-            refresh_token = grant.tokens.refresh_token
-        elif refresh_token is None:
-            log.warning(
-                "no_new_refresh_token",
-                grant=grant.name,
-                detail="the provider rotates but sent no refresh token; the grant will need a "
-                "login when this access token expires",
-            )
-        problem: str | None = None
-        try:
-            access_token, token_type, expires_in = await self._access_token(grant, response, now)
-        except IdpError as exc:
-            # The new refresh token is in hand and must be kept whatever else is wrong.
-            problem = f"the refresh response carries no usable access token: {exc}"
-            log.warning("refresh_without_access_token", grant=grant.name, reason=str(exc))
-        failures = 0
-        if problem is None:
-            tokens = TokenSet(
-                refresh_token, access_token, response.id_token or grant.tokens.id_token
-            )
-            issued: datetime | None = issued_at
-            expires_at = issued_at + timedelta(seconds=expires_in or ASSUMED_LIFETIME)
-            next_refresh = due_at(issued_at, expires_at, self._policy, self._rand())
-        else:
-            tokens = TokenSet(refresh_token, grant.tokens.access_token, grant.tokens.id_token)
-            issued, expires_at = grant.access_issued_at, grant.access_expires_at or now
-            token_type = grant.token_type
-            # Not at the old token's due time, which has passed: that would rotate again at
-            # once, and again, for as long as the provider answers this way.
-            failures = grant.refresh_failures + 1
-            next_refresh = now + backoff(failures, self._policy, self._rand())
-        new = replace(
-            grant,
-            tokens=tokens,
-            token_type=token_type,
-            scopes=response.scope or grant.scopes,
-            access_issued_at=issued,
-            access_expires_at=expires_at,
-            next_refresh_at=None if refresh_token is None else next_refresh,
-            last_error=problem,
-            refresh_failures=failures,
-        )
-        return await self._repository.commit_refresh(new, grant.generation, self.owner, now)
-
-    async def _access_token(
-        self, grant: Grant, response: TokenResponse, now: datetime
-    ) -> tuple[Secret, str, int | None]:
-        """The new access token: from the response, or from a claim of its validated ID token."""
-        claim = self._providers[grant.provider].access_token_from.claim
-        if claim is None:
-            if response.access_token is None:
-                raise IdpError("the refresh response has no access_token")
-            return response.access_token, response.token_type, response.expires_in
-        if response.id_token is None:
-            raise IdpError(f"the refresh response has no ID token carrying {claim}")
-        claims = await self._clients[grant.provider].check_id_token(
-            response.id_token, nonce=None, now=now
-        )
-        return access_token_in_claim(claims, claim)
-
-    async def _lost(self, grant: Grant, reason: str) -> Grant:
-        self._metrics.rotation_recoveries.labels(grant.provider, "lost").inc()
-        log.error("rotation_lost", grant=grant.name, generation=grant.generation, reason=reason)
-        return await self._settle(
-            grant,
-            GrantState.REAUTH_REQUIRED,
-            f"{ROTATION_LOST}: {reason}",
-            None,
-            grant.refresh_failures,
-        )
-
-    async def _settle(
-        self,
-        grant: Grant,
-        state: GrantState,
-        error: str | None,
-        next_refresh_at: datetime | None,
-        failures: int,
-    ) -> Grant:
-        return await self._repository.settle(
-            grant,
-            self.owner,
-            self._clock(),
-            state=state,
-            last_error=error,
-            next_refresh_at=next_refresh_at,
-            refresh_failures=failures,
-        )
-
-    async def _extend(self, grant: Grant) -> None:
-        now = self._clock()
-        if await self._repository.claim(grant.id, self.owner, now, now + LEASE) is None:
-            raise ConflictError(f"lost the lease on {grant.name} while replaying")
