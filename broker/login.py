@@ -4,7 +4,8 @@ start()     state, nonce and PKCE verifier are made and stored sealed; the autho
             carries state, nonce, the S256 challenge
 complete()  the redirect's state claims the login once; `error`, a foreign `iss`, a failed
             exchange or a bad ID token end it as failed and store nothing; otherwise the
-            grant is stored (a different `sub` than the grant holds needs `force`)
+            grant is stored (a different `sub` than the grant holds needs `force`); tokens
+            a failed login got from the exchange are revoked at the provider, if it can
 
 A claimed login always ends complete or failed, whatever breaks after the claim: the CLI and
 GET /v1/logins wait on it, and its state cannot be claimed again. A grant written meanwhile by
@@ -14,6 +15,7 @@ tokens stored on top.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from broker.store.logins import COMPLETE, FAILED, LoginRecord, LoginRepository, 
 LOGIN_TTL = timedelta(minutes=10)
 # How often a login's grant is re-read and written again when a concurrent write wins.
 STORE_ATTEMPTS = 3
+DISCARD_SECONDS = 10.0  # per revocation of a failed login's token; the browser waits
 log = structlog.get_logger("broker.login")
 
 
@@ -118,8 +121,9 @@ class LoginService:
             log.warning("login_callback_refused", reason=str(exc))
             return CallbackOutcome(False, str(exc).capitalize() + ".")
         grant = f"{pending.provider}/{pending.user}"
+        issued: list[TokenResponse] = []  # what the code exchange returned, if it ran
         try:
-            result = await self._finish(pending, params, now)
+            result = await self._finish(pending, params, now, issued)
             await self._store(result, now)
         except BrokerError as exc:
             reason = str(exc)
@@ -134,7 +138,36 @@ class LoginService:
             )
         await self._logins.finish(pending.id, FAILED, reason, now)
         log.warning("login_failed", grant=grant, login=pending.id, reason=reason)
+        if issued:
+            await self._discard(pending.provider, issued[0], grant)
         return CallbackOutcome(False, f"Login for {grant} failed: {reason}.")
+
+    async def _discard(self, provider: str, tokens: TokenResponse, grant: str) -> None:
+        """Revoke the tokens of a login that failed after its code exchange (best effort).
+
+        They were issued, but the broker keeps nothing of a failed login: left alone, a refresh
+        token nobody holds would stay valid at the provider until it expires.
+        """
+        client = self._clients.get(provider)
+        if client is None:
+            return
+        revoked: list[str] = []
+        for token, hint in (
+            (tokens.refresh_token, "refresh_token"),
+            (tokens.access_token, "access_token"),
+        ):
+            if token is None:
+                continue
+            try:
+                async with asyncio.timeout(DISCARD_SECONDS):
+                    if not await client.revoke(token, hint):
+                        break  # no revocation endpoint: nothing more to try
+            except (BrokerError, TimeoutError) as exc:
+                log.warning("login_tokens_not_revoked", grant=grant, hint=hint, error=str(exc))
+                continue
+            revoked.append(hint)
+        if revoked:
+            log.info("login_tokens_revoked", grant=grant, revoked=revoked)
 
     async def _store(self, result: LoginResult, now: datetime) -> None:
         """Store the login's grant; when a concurrent write wins, re-read the grant and retry."""
@@ -148,7 +181,11 @@ class LoginService:
                 log.info("login_store_retry", grant=f"{result.provider}/{result.user}")
 
     async def _finish(
-        self, pending: PendingLogin, params: Mapping[str, str], now: datetime
+        self,
+        pending: PendingLogin,
+        params: Mapping[str, str],
+        now: datetime,
+        issued: list[TokenResponse],
     ) -> LoginResult:
         provider, nonce = pending.provider, pending.nonce
         client = self._clients.get(provider)
@@ -169,6 +206,7 @@ class LoginService:
         if not code:
             raise LoginError("the redirect carries no authorization code")
         tokens = await client.exchange_code(code, pending.code_verifier)
+        issued.append(tokens)
         from_claim = client.config.access_token_from.claim
         claims: dict[str, Any] = {}
         if tokens.id_token is not None:

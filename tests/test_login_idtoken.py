@@ -51,6 +51,7 @@ async def test_a_flawless_id_token_from_the_tiny_provider_logs_in(
         assert (grant["sub"], grant["state"]) == ("tiny-sub", "active")
         assert await broker.access_token(PROVIDER, USER) == idp.issued[0]
         broker.assert_not_logged(*idp.issued)
+        assert idp.revoked == []  # a login that succeeds keeps its tokens
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,9 @@ async def test_an_id_token_that_fails_a_check_fails_the_login(
         await assert_login_failed(broker, started, "ID token check failed", reason)
         assert idp.token_requests == 1
         broker.assert_not_logged(*idp.issued)
+        # The tokens the exchange issued were revoked: no refresh token outlives the failure.
+        access, refresh, _id_token = idp.issued
+        assert idp.revoked == [(refresh, "refresh_token"), (access, "access_token")]
 
 
 async def test_an_expired_id_token_from_netid_fails_the_login(

@@ -11,7 +11,8 @@ and an RS256 ID token. Two knobs:
   requests are waiting, then all go at once, so concurrent logins reach the broker in lockstep.
 
 Every token it issues comes from the test's `new_secret`, so the session's leak scan knows them;
-`issued` lists them in order (access, refresh, ID token per exchange).
+`issued` lists them in order (access, refresh, ID token per exchange); `revoked` lists what
+was revoked at its RFC 7009 endpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class TinyIdP:
         self.barrier: asyncio.Barrier | None = None
         self.token_requests = 0
         self.issued: list[str] = []  # every token it handed out
+        self.revoked: list[tuple[str, str]] = []  # (token, token_type_hint) per revocation
         self._make_secret = make_secret
         self._kid = secrets.token_hex(8)
         self._key = RSAKey.generate_key(2048, parameters={"kid": self._kid}, private=True)
@@ -70,6 +72,7 @@ class TinyIdP:
         app.router.add_get("/jwks", self._jwks)
         app.router.add_get("/authorize", self._authorize)
         app.router.add_post("/token", self._token)
+        app.router.add_post("/revoke", self._revoke)
         self._server = TestServer(app, host="127.0.0.1")
 
     async def start(self) -> None:
@@ -89,6 +92,7 @@ class TinyIdP:
                 "authorization_endpoint": f"{self.issuer}/authorize",
                 "token_endpoint": f"{self.issuer}/token",
                 "jwks_uri": f"{self.issuer}/jwks",
+                "revocation_endpoint": f"{self.issuer}/revoke",
                 "id_token_signing_alg_values_supported": ["RS256"],
             }
         )
@@ -129,6 +133,12 @@ class TinyIdP:
                 "id_token": id_token,
             }
         )
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        """RFC 7009: record what was revoked; an unknown token is a success too."""
+        form = await request.post()
+        self.revoked.append((str(form.get("token")), str(form.get("token_type_hint"))))
+        return web.Response(status=200)
 
     def _id_token(self, nonce: str | None) -> str:
         now = int(time.time())
