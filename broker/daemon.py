@@ -108,6 +108,9 @@ class Daemon:
         self.refresher: Refresher | None = None
         self._config_path = Path(config.source) if config_path is None else config_path
         self._key_path = keyring_path(config.store.key_file, environ)
+        # The paths the callback listener serves (None: no listener configured); a reload
+        # that needs others must wait for a restart.
+        self._served_callbacks: set[str] | None = None
 
     def load_keys(self) -> Keyring:
         """The keyring from its file (or systemd credential)."""
@@ -259,10 +262,13 @@ class Daemon:
         if server.metrics is not None:
             metrics_runner = await start_runner(stack, build_metrics_app(rt.metrics))
             await _start_tcp(metrics_runner, server.metrics, "metrics")
+        if server.callback is not None:
+            self._served_callbacks = set()
         if server.callback is not None and self.config.providers:
             redirect_uris = [p.redirect_uri for p in self.config.providers.values()]
             callback_app = build_callback_app(rt.logins, self.clock, redirect_uris)
             await _start_tcp(await start_runner(stack, callback_app), server.callback, "callback")
+            self._served_callbacks = _callback_paths(self.config)
         log.info(
             "serving",
             socket=str(server.socket),
@@ -328,7 +334,8 @@ class Daemon:
             for name in ("server", "store", "refresh")
             if getattr(old, name) != getattr(new, name)
         ]
-        if _callback_paths(old) != _callback_paths(new):
+        served = self._served_callbacks
+        if served is not None and not _callback_paths(new) <= served:
             restart.append("providers.*.redirect_uri (the callback listener's paths)")
         self.config = dataclasses.replace(
             new, server=old.server, store=old.store, refresh=old.refresh

@@ -401,15 +401,10 @@ class GrantService:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
         client = self._clients.get(provider)
         tokens = grant.tokens
-        token, hint = (
-            (tokens.refresh_token, "refresh_token")
-            if tokens.refresh_token is not None
-            else (tokens.access_token, "access_token")
-        )
         revoked = False
-        if client is not None and token is not None:
+        if client is not None:
             try:
-                revoked = await client.revoke(token, hint)
+                revoked = await client.revoke_grant(tokens.refresh_token, tokens.access_token)
             except IdpRejected as exc:
                 # The provider answered and will not revoke: keeping the grant would not
                 # change that, and would leave it impossible to delete.

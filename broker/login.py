@@ -41,7 +41,7 @@ from broker.store.logins import COMPLETE, FAILED, LoginRecord, LoginRepository, 
 LOGIN_TTL = timedelta(minutes=10)
 # How often a login's grant is re-read and written again when a concurrent write wins.
 STORE_ATTEMPTS = 3
-DISCARD_SECONDS = 10.0  # per revocation of a failed login's token; the browser waits
+DISCARD_SECONDS = 10.0  # for revoking a failed login's tokens; the browser waits meanwhile
 log = structlog.get_logger("broker.login")
 
 
@@ -151,23 +151,14 @@ class LoginService:
         client = self._clients.get(provider)
         if client is None:
             return
-        revoked: list[str] = []
-        for token, hint in (
-            (tokens.refresh_token, "refresh_token"),
-            (tokens.access_token, "access_token"),
-        ):
-            if token is None:
-                continue
-            try:
-                async with asyncio.timeout(DISCARD_SECONDS):
-                    if not await client.revoke(token, hint):
-                        break  # no revocation endpoint: nothing more to try
-            except (BrokerError, TimeoutError) as exc:
-                log.warning("login_tokens_not_revoked", grant=grant, hint=hint, error=str(exc))
-                continue
-            revoked.append(hint)
+        try:
+            async with asyncio.timeout(DISCARD_SECONDS):
+                revoked = await client.revoke_grant(tokens.refresh_token, tokens.access_token)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("login_tokens_not_revoked", grant=grant, error=str(exc) or "timed out")
+            return
         if revoked:
-            log.info("login_tokens_revoked", grant=grant, revoked=revoked)
+            log.info("login_tokens_revoked", grant=grant)
 
     async def _store(self, result: LoginResult, now: datetime) -> None:
         """Store the login's grant; when a concurrent write wins, re-read the grant and retry."""

@@ -39,7 +39,7 @@ django_idp_factory = idp_fixture.django_idp_factory
 WAIT = 15.0  # seconds for a reload to show in the log
 
 
-def provider_table(name: str, token_port: int) -> str:
+def provider_table(name: str, token_port: int, callback_path: str = "/oauth-callback/") -> str:
     """A provider whose endpoints are a closed loopback port: no refresh can succeed."""
     base = f"http://127.0.0.1:{token_port}/{name}"
     return f"""
@@ -48,7 +48,7 @@ authorization_endpoint = "{base}/authorize"
 token_endpoint = "{base}/token"
 client_id = "broker-test"
 scopes = ["profile"]
-redirect_uri = "http://127.0.0.1:8000/oauth-callback/"
+redirect_uri = "http://127.0.0.1:8000{callback_path}"
 """
 
 
@@ -80,6 +80,7 @@ class Setup:
         required: Sequence[str] = (),
         extra: str = "",
         metrics: str = "",
+        callback: str = "",
     ) -> None:
         self.home.config.write_text(
             f"""
@@ -87,7 +88,7 @@ class Setup:
 socket = {json.dumps(str(self.home.socket))}
 socket_mode = "0600"
 tcp = "127.0.0.1:{self.tcp_port}"
-callback = ""
+callback = {json.dumps(callback)}
 metrics = {json.dumps(metrics)}
 
 [store]
@@ -96,7 +97,7 @@ key_file = {json.dumps(str(self.home.key_file))}
 
 [readiness]
 required_grants = {json.dumps(list(required))}
-{"".join(provider_table(p, self.closed_port) for p in providers)}
+{"".join(provider_table(p, self.closed_port, f"/oauth-callback/{p}/") for p in providers)}
 {clients}
 {extra}
 """
@@ -301,3 +302,21 @@ def test_reload_events_carry_no_secret_values(
         text = json.dumps(event)
         assert bearer not in text
         assert hashlib.sha256(bearer.encode()).hexdigest() not in text
+
+
+def test_a_provider_needing_a_new_callback_path_is_named_for_a_restart(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """The callback listener serves the paths it started with: a new one waits for a restart."""
+    setup = Setup(tmp_path)
+    callback = f"127.0.0.1:{free_port()}"
+    setup.write(callback=callback)
+    with running_daemon(setup.home, log_dir) as daemon:
+        setup.write(providers=("techniek", "netid"), callback=callback)
+        needs_restart = reload(daemon, "reload_needs_restart")
+        assert needs_restart["sections"] == [
+            "providers.*.redirect_uri (the callback listener's paths)"
+        ]
+        setup.write(callback=callback)  # back to the served paths: nothing to restart for
+        reload(daemon, "config_reloaded")
+        assert len(log_events(daemon.log(), "reload_needs_restart")) == 1

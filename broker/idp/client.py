@@ -132,6 +132,15 @@ class ProviderClient:
             {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
         )
 
+    async def revoke_grant(self, refresh_token: Secret | None, access_token: Secret | None) -> bool:
+        """Revoke a grant's tokens: the refresh token (RFC 7009 takes its access tokens with
+        it), else the access token; False when there is nothing to revoke or no endpoint."""
+        if refresh_token is not None:
+            return await self.revoke(refresh_token, "refresh_token")
+        if access_token is not None:
+            return await self.revoke(access_token, "access_token")
+        return False
+
     async def revoke(self, token: Secret, hint: str = "refresh_token") -> bool:
         """Revoke at the IdP (RFC 7009); False when it has no revocation endpoint."""
         metadata = await self.metadata()
