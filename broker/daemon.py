@@ -34,7 +34,7 @@ from broker.api.app import build_app, build_metrics_app
 from broker.api.callback import build_callback_app
 from broker.api.identity import Policy
 from broker.api.server import start_runner
-from broker.api.sockets import bind_unix
+from broker.api.sockets import BACKLOG, bind_unix
 from broker.cache import GrantCache
 from broker.config import Config, Listen, ProviderConfig, load_config
 from broker.crypto import Keyring, keyring_path, load_keyring
@@ -256,7 +256,7 @@ class Daemon:
         )
         api_socket, activated = self._api_socket(stack)
         api = await start_runner(stack, app)
-        await web.SockSite(api, api_socket).start()
+        await web.SockSite(api, api_socket, backlog=BACKLOG).start()
         if server.tcp is not None:
             await _start_tcp(api, server.tcp, "tcp")
         if server.metrics is not None:
@@ -419,7 +419,7 @@ def _callback_paths(config: Config) -> set[str]:
 
 async def _start_tcp(runner: web.AppRunner, listen: Listen, key: str) -> None:
     try:
-        await web.TCPSite(runner, listen.host, listen.port).start()
+        await web.TCPSite(runner, listen.host, listen.port, backlog=BACKLOG).start()
     except OSError as exc:
         raise StartupError(
             f"cannot listen on {listen} (server.{key}): {exc.strerror or exc}; "

@@ -28,7 +28,7 @@ import broker
 from broker.api.app import MAX_BODY_BYTES, build_app
 from broker.api.identity import Policy
 from broker.api.server import Limits, start_runner
-from broker.api.sockets import bind_unix
+from broker.api.sockets import BACKLOG, bind_unix
 from broker.config import Config, parse_config
 from broker.crypto import Keyring, write_keyring
 from broker.daemon import Daemon
@@ -204,7 +204,7 @@ async def served_api(
     try:
         async with contextlib.AsyncExitStack() as stack:
             runner = await start_runner(stack, app, limits)
-            await web.SockSite(runner, listener.sock).start()
+            await web.SockSite(runner, listener.sock, backlog=BACKLOG).start()
             tcp_url = None
             if tcp:
                 await web.TCPSite(runner, "127.0.0.1", 0).start()

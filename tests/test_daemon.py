@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import sqlite3
 import stat
@@ -151,6 +153,39 @@ def test_sigterm_lets_a_request_in_flight_finish(
     assert not home.socket.exists()
     with contextlib.closing(sqlite3.connect(home.db)) as db:
         assert db.execute("SELECT user_name FROM grants").fetchall() == [("alice",)]
+
+
+def test_a_burst_of_connections_waits_in_the_backlog_instead_of_being_refused(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """While the daemon accepts nothing (SIGSTOP), 1,000 callers can still connect and queue.
+
+    asyncio re-listens with aiohttp's default backlog of 128 unless told otherwise; a caller
+    past the queue gets EAGAIN, which asyncio's connect mistakes for success and the caller then
+    fails with "Transport endpoint is not connected".
+    """
+    burst = min(1000, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    assert burst > 128, "net.core.somaxconn is too small for this test to mean anything"
+    home = make_home(tmp_path)
+    with running_daemon(home, log_dir) as daemon:
+        callers: list[socket.socket] = []
+        refused = 0
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            for _ in range(burst):
+                caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                caller.setblocking(False)
+                callers.append(caller)
+                try:
+                    caller.connect(str(home.socket))
+                except BlockingIOError:
+                    refused += 1
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        for caller in callers:
+            caller.close()
+        assert refused == 0, f"{refused} of {burst} connections were refused"
+        assert request(home.socket, "GET", "/healthz").status == 200
 
 
 def test_sigterm_on_an_idle_daemon_exits_0_and_removes_the_socket(

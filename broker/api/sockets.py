@@ -11,6 +11,12 @@ from pathlib import Path
 
 from broker.errors import StartupError
 
+# Connections the kernel queues before the daemon accepts them; capped by net.core.somaxconn.
+# A burst of callers beyond the queue is refused (EAGAIN on a Unix socket), so it is as deep as
+# the kernel allows. Every site passes it on: asyncio calls listen() again when it starts
+# serving, with aiohttp's default of 128 unless told otherwise, on bound and passed sockets alike.
+BACKLOG = socket.SOMAXCONN
+
 
 @dataclass(frozen=True, slots=True)
 class UnixListener:
@@ -45,7 +51,7 @@ def bind_unix(path: Path, mode: int) -> UnixListener:
         finally:
             os.umask(old_umask)
         path.chmod(mode)
-        sock.listen(512)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
