@@ -128,11 +128,13 @@ class Rotation:
         grace = self._providers[grant.provider].refresh_grace
         recovering = grant.intent_at is not None
         self.rotating.add(grant.id)
+        # The provider's grace runs from when it first sees the token, so it is counted from
+        # the first send: here, the instant the request leaves; after a crash, the stored
+        # intent, which was written before that send. Either is no later than the IdP's view.
+        first_sent: datetime | None = grant.intent_at
         if grant.intent_at is None:
-            first_sent = self._clock()
-            await self._repository.mark_sent(grant.id, grant.generation, self._owner, first_sent)
+            await self._repository.mark_sent(grant.id, grant.generation, self._owner, self._clock())
         else:
-            first_sent = grant.intent_at
             log.warning("refresh_outcome_unknown", grant=grant.name, generation=grant.generation)
         attempt, reason = 0, "a refresh was cut short and its outcome is unknown"
         while True:
@@ -140,6 +142,7 @@ class Rotation:
             # its grace lasts, with a margin for the clocks of two machines.
             if (
                 recovering
+                and first_sent is not None
                 and decide(
                     Outcome.AMBIGUOUS,
                     now=self._clock() + REPLAY_MARGIN,
@@ -151,6 +154,7 @@ class Rotation:
                 return await self._lost(grant, f"{reason}; the provider's refresh_grace has passed")
             attempt += 1
             sent_at, started = self._clock(), time.perf_counter()
+            first_sent = first_sent or sent_at
             outcome, error, response = await self._call(client, grant)
             self._count(grant, outcome, time.perf_counter() - started, attempt)
             if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):

@@ -406,6 +406,41 @@ async def test_persistent_ambiguity_replays_only_until_grace_ends(
     assert idp.violations == []
 
 
+class SlowIntentRepository(GrantRepository):
+    """A repository whose intent write takes 20 s of the test's clock (a store under load)."""
+
+    def __init__(self, engine: AsyncEngine, keyring: Keyring, clock: HandClock) -> None:
+        super().__init__(engine, keyring)
+        self.clock = clock
+
+    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
+        """Write the intent; the commit takes 20 s."""
+        await super().mark_sent(grant_id, generation, owner, now)
+        self.clock.advance(20)
+
+
+async def test_grace_is_counted_from_the_send_not_from_a_slow_intent_write(
+    engine: AsyncEngine, keyring: Keyring, idp: ModelIdp, clock: HandClock
+) -> None:
+    """The provider's grace starts when the token leaves, so time spent writing the intent
+    before the send does not shorten the replays' window; none is sent after grace (3, 4)."""
+    idp.grace = GRACE
+    idp.latency = timedelta(seconds=14)
+    b = broker(SlowIntentRepository(engine, keyring, clock), idp, clock)
+    grant = await b.login(idp, "alice", clock())
+    clock.advance(DUE)
+    start = clock()
+    idp.sticky = Fault.AMBIGUOUS_AFTER
+    lost = await b.refresher.refresh(grant)
+    # Sent at 20 s (after the intent's commit), replayed at 34 s and 48 s: inside the 30 s
+    # of grace from the send. Counted from the intent (0 s) it would give up after one call.
+    assert [call.at - start for call in idp.calls] == [timedelta(seconds=s) for s in (20, 34, 48)]
+    assert lost is not None
+    assert lost.state is GrantState.REAUTH_REQUIRED
+    assert b.count("rotation_recoveries", "lost") == 1
+    assert idp.violations == []
+
+
 async def test_a_replay_is_never_sent_after_grace_has_ended(
     repo: GrantRepository, idp: ModelIdp, clock: HandClock
 ) -> None:
