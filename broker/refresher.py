@@ -156,7 +156,7 @@ class Refresher:
         task = self._inflight.get(grant.id)
         if task is None:
             task = self._tasks.spawn(
-                self._refresh(grant.id, grant.provider, grant.generation), f"refresh {grant.name}"
+                self._refresh(grant.id, grant.provider, grant.updated_at), f"refresh {grant.name}"
             )
             self._inflight[grant.id] = task
             task.add_done_callback(lambda done: self._forget(grant.id, done))
@@ -297,8 +297,8 @@ class Refresher:
 
     # -- one refresh -----------------------------------------------------------------------
 
-    async def _refresh(self, grant_id: str, provider: str, seen: int) -> Grant | None:
-        """Refresh one grant whose generation `seen` the caller (or the loop) last saw."""
+    async def _refresh(self, grant_id: str, provider: str, seen: datetime | None) -> Grant | None:
+        """Refresh one grant as the caller (or the loop) last saw it: written at `seen`."""
         limit = self._limits.setdefault(provider, asyncio.Semaphore(self._max_concurrency))
         async with limit:
             if self._stopping:  # queued behind the provider's limit when shutdown began
@@ -309,8 +309,10 @@ class Refresher:
                 # The holder may have been a process on this host that died mid-refresh.
                 grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
             if grant is not None:
-                if grant.generation != seen and grant.intent_at is None:
-                    # Another process refreshed it since we looked: publish, spend nothing.
+                if grant.updated_at != seen and grant.intent_at is None:
+                    # Another process wrote it since we looked (refreshed it, or failed and
+                    # stored a back-off): publish, spend nothing, and let the caller decide
+                    # again on what the store holds. Leases alone do not touch updated_at.
                     await self._release(grant)
                     self._cache.put(grant)
                     return grant

@@ -762,6 +762,41 @@ async def test_a_slow_answer_is_dated_from_the_send(
     assert refreshed.access_expires_at <= idp.expires_at(refreshed.tokens.access_token)
 
 
+# -- two processes on one store -----------------------------------------------------------------
+
+
+async def test_a_process_respects_the_back_off_another_process_just_stored(
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+) -> None:
+    """After one process's transient failure, another whose cache predates it does not call the
+    IdP before the back-off: it publishes what the store holds instead (5)."""
+    other_engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        a = broker(repo, idp, clock)
+        b = broker(GrantRepository(other_engine, keyring), idp, clock)
+        await a.login(idp, "alice", clock())
+        await b.start()
+        clock.advance(DUE)
+        idp.fail_next(Fault.UNREACHABLE)
+        backing_off = await a.refresher.refresh(a.cached("alice"))
+        assert backing_off is not None
+        assert backing_off.next_refresh_at is not None
+        assert backing_off.next_refresh_at > clock()
+        seen_by_b = await b.refresher.refresh(b.cached("alice"))  # its cache predates A's failure
+        assert results(idp) == ["unreachable"]
+        assert seen_by_b == backing_off
+        assert b.cached("alice") == backing_off
+        # Once the back-off has passed, B refreshes as usual.
+        clock.advance((backing_off.next_refresh_at - clock()).total_seconds() + 1)
+        refreshed = await b.refresher.refresh(b.cached("alice"))
+        assert refreshed is not None
+        assert refreshed.generation == backing_off.generation + 1
+        assert results(idp) == ["unreachable", "rotated"]
+        assert idp.violations == []
+    finally:
+        await other_engine.dispose()
+
+
 # -- fencing a refresh that lost its row -----------------------------------------------------------
 
 
