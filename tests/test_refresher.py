@@ -97,6 +97,26 @@ def broker(
     )
 
 
+Pair = tuple[Incarnation, Incarnation]
+
+
+@pytest.fixture
+async def pair(
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+) -> AsyncIterator[Pair]:
+    """Two broker processes on one store, each with its own engine; alice logged in via the
+    first, and the second started after that."""
+    other_engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        a = broker(repo, idp, clock)
+        b = broker(GrantRepository(other_engine, keyring), idp, clock)
+        await a.login(idp, "alice", clock())
+        await b.start()
+        yield a, b
+    finally:
+        await other_engine.dispose()
+
+
 async def until(condition: Callable[[], bool | Awaitable[bool]], within: float = 5.0) -> None:
     """Wait (in real time) until `condition` holds."""
     deadline = time.monotonic() + within
@@ -178,79 +198,58 @@ async def test_a_cancelled_waiter_does_not_cancel_the_refresh(
 
 
 async def test_two_owners_racing_on_one_grant_make_one_idp_call(
-    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+    pair: Pair, idp: ModelIdp, clock: HandClock
 ) -> None:
     """Two processes refreshing one grant at once spend its refresh token once (1, leases)."""
-    other_engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        a = broker(repo, idp, clock)
-        b = broker(GrantRepository(other_engine, keyring), idp, clock)
-        await a.login(idp, "alice", clock())
-        await b.start()
-        clock.advance(DUE)
-        idp.gate = asyncio.Event()
-        tasks = [a.refresher.refresh(a.cached("alice")), b.refresher.refresh(b.cached("alice"))]
-        await until(lambda: idp.in_flight == 1)
-        await asyncio.sleep(0.1)  # the loser has claimed, failed, and is following the winner
-        assert idp.in_flight == 1
-        idp.gate.set()
-        refreshed = await asyncio.gather(*tasks)
-        assert results(idp) == ["rotated"]
-        stored = await a.stored("alice")
-        assert stored.generation == 2
-        assert [grant.generation if grant else None for grant in refreshed] == [2, 2]
-        assert a.cached("alice") == b.cached("alice") == stored
-        assert await b.repository.lease_owners() == set()
-        assert idp.violations == []
-    finally:
-        await other_engine.dispose()
+    a, b = pair
+    clock.advance(DUE)
+    idp.gate = asyncio.Event()
+    tasks = [a.refresher.refresh(a.cached("alice")), b.refresher.refresh(b.cached("alice"))]
+    await until(lambda: idp.in_flight == 1)
+    await asyncio.sleep(0.1)  # the loser has claimed, failed, and is following the winner
+    assert idp.in_flight == 1
+    idp.gate.set()
+    refreshed = await asyncio.gather(*tasks)
+    assert results(idp) == ["rotated"]
+    stored = await a.stored("alice")
+    assert stored.generation == 2
+    assert [grant.generation if grant else None for grant in refreshed] == [2, 2]
+    assert a.cached("alice") == b.cached("alice") == stored
+    assert await b.repository.lease_owners() == set()
+    assert idp.violations == []
 
 
 async def test_a_caller_on_the_losing_process_gets_the_token_the_winner_commits(
-    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+    pair: Pair, idp: ModelIdp, clock: HandClock
 ) -> None:
     """A caller whose process lost the lease race is served the winner's new token (1, 6)."""
-    other_engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        a = broker(repo, idp, clock)
-        b = broker(GrantRepository(other_engine, keyring), idp, clock)
-        await a.login(idp, "alice", clock())
-        await b.start()
-        clock.advance(ACCESS_LIFETIME + 1)  # expired: both processes' callers must wait
-        idp.gate = asyncio.Event()
-        winner = a.refresher.refresh(a.cached("alice"))
-        await until(lambda: idp.in_flight == 1)
-        async with asyncio.TaskGroup() as group:
-            caller = group.create_task(b.service.token(PROVIDER, "alice"))
-            await asyncio.sleep(0.05)
-            idp.gate.set()
-        committed = await winner
-        assert committed is not None
-        assert caller.result().tokens.access_token == committed.tokens.access_token
-    finally:
-        await other_engine.dispose()
+    a, b = pair
+    clock.advance(ACCESS_LIFETIME + 1)  # expired: both processes' callers must wait
+    idp.gate = asyncio.Event()
+    winner = a.refresher.refresh(a.cached("alice"))
+    await until(lambda: idp.in_flight == 1)
+    async with asyncio.TaskGroup() as group:
+        caller = group.create_task(b.service.token(PROVIDER, "alice"))
+        await asyncio.sleep(0.05)
+        idp.gate.set()
+    committed = await winner
+    assert committed is not None
+    assert caller.result().tokens.access_token == committed.tokens.access_token
 
 
 async def test_an_owner_arriving_just_after_the_winner_commits_does_not_refresh_again(
-    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+    pair: Pair, idp: ModelIdp, clock: HandClock
 ) -> None:
     """A process whose cache is one generation behind picks up the new one instead of rotating."""
-    other_engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        a = broker(repo, idp, clock)
-        b = broker(GrantRepository(other_engine, keyring), idp, clock)
-        await a.login(idp, "alice", clock())
-        await b.start()
-        clock.advance(ACCESS_LIFETIME + 1)
-        committed = await a.refresher.refresh(a.cached("alice"))
-        assert committed is not None
-        # B's schedule loop has not synced yet; a caller on B finds the expired generation.
-        served = await b.service.token(PROVIDER, "alice")
-        assert results(idp) == ["rotated"]
-        assert served.generation == committed.generation
-        assert idp.violations == []
-    finally:
-        await other_engine.dispose()
+    a, b = pair
+    clock.advance(ACCESS_LIFETIME + 1)
+    committed = await a.refresher.refresh(a.cached("alice"))
+    assert committed is not None
+    # B's schedule loop has not synced yet; a caller on B finds the expired generation.
+    served = await b.service.token(PROVIDER, "alice")
+    assert results(idp) == ["rotated"]
+    assert served.generation == committed.generation
+    assert idp.violations == []
 
 
 @pytest.mark.parametrize(
@@ -766,35 +765,28 @@ async def test_a_slow_answer_is_dated_from_the_send(
 
 
 async def test_a_process_respects_the_back_off_another_process_just_stored(
-    repo: GrantRepository, idp: ModelIdp, clock: HandClock, db_path: Path, keyring: Keyring
+    pair: Pair, idp: ModelIdp, clock: HandClock
 ) -> None:
     """After one process's transient failure, another whose cache predates it does not call the
     IdP before the back-off: it publishes what the store holds instead (5)."""
-    other_engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        a = broker(repo, idp, clock)
-        b = broker(GrantRepository(other_engine, keyring), idp, clock)
-        await a.login(idp, "alice", clock())
-        await b.start()
-        clock.advance(DUE)
-        idp.fail_next(Fault.UNREACHABLE)
-        backing_off = await a.refresher.refresh(a.cached("alice"))
-        assert backing_off is not None
-        assert backing_off.next_refresh_at is not None
-        assert backing_off.next_refresh_at > clock()
-        seen_by_b = await b.refresher.refresh(b.cached("alice"))  # its cache predates A's failure
-        assert results(idp) == ["unreachable"]
-        assert seen_by_b == backing_off
-        assert b.cached("alice") == backing_off
-        # Once the back-off has passed, B refreshes as usual.
-        clock.advance((backing_off.next_refresh_at - clock()).total_seconds() + 1)
-        refreshed = await b.refresher.refresh(b.cached("alice"))
-        assert refreshed is not None
-        assert refreshed.generation == backing_off.generation + 1
-        assert results(idp) == ["unreachable", "rotated"]
-        assert idp.violations == []
-    finally:
-        await other_engine.dispose()
+    a, b = pair
+    clock.advance(DUE)
+    idp.fail_next(Fault.UNREACHABLE)
+    backing_off = await a.refresher.refresh(a.cached("alice"))
+    assert backing_off is not None
+    assert backing_off.next_refresh_at is not None
+    assert backing_off.next_refresh_at > clock()
+    seen_by_b = await b.refresher.refresh(b.cached("alice"))  # its cache predates A's failure
+    assert results(idp) == ["unreachable"]
+    assert seen_by_b == backing_off
+    assert b.cached("alice") == backing_off
+    # Once the back-off has passed, B refreshes as usual.
+    clock.advance((backing_off.next_refresh_at - clock()).total_seconds() + 1)
+    refreshed = await b.refresher.refresh(b.cached("alice"))
+    assert refreshed is not None
+    assert refreshed.generation == backing_off.generation + 1
+    assert results(idp) == ["unreachable", "rotated"]
+    assert idp.violations == []
 
 
 # -- fencing a refresh that lost its row -----------------------------------------------------------
