@@ -27,12 +27,14 @@ and the commit after the call) and the rest; the rest must be answered from memo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import statistics
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +227,33 @@ def judge(traffic: Traffic, calls: Sequence[RefreshCall]) -> Verdict:
     return Verdict(unexcused, excused, stale, joined, plain)
 
 
+# A separate process that sleeps 10 ms at a time for `seconds` and prints the longest
+# oversleep: how long this machine stopped running processes (a hypervisor's steal, say).
+_STALL_PROBE = """
+import sys, time
+worst, end = 0.0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    before = time.monotonic()
+    time.sleep(0.01)
+    worst = max(worst, time.monotonic() - before - 0.01)
+print(worst)
+"""
+
+
+@contextlib.asynccontextmanager
+async def machine_stalls(seconds: float) -> AsyncIterator[list[float]]:
+    """The machine's longest stall (seconds) while the block ran, measured by a bounded probe."""
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STALL_PROBE, str(seconds), stdout=asyncio.subprocess.PIPE
+    )
+    worst: list[float] = []
+    try:
+        yield worst
+    finally:
+        out, _ = await probe.communicate()
+        worst.append(float(out or 0))
+
+
 def latency_numbers(serves: Sequence[Serve]) -> dict[str, float]:
     """Count, median, p99 and maximum latency in milliseconds."""
     if not serves:
@@ -267,9 +296,10 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
         broker.start()
         await broker.log_in_all(accounts)
         before, started = idp.stats(), time.time()
-        traffic = await run_clients(
-            [broker], userinfo, list(accounts), loops_per_broker=8, seconds=SOAK_SECONDS, seed=1
-        )
+        async with machine_stalls(SOAK_SECONDS) as stalls:
+            traffic = await run_clients(
+                [broker], userinfo, list(accounts), loops_per_broker=8, seconds=SOAK_SECONDS, seed=1
+            )
         ended, after = time.time(), idp.stats()
         delta = stats_delta(before, after)
         metrics = await broker.metrics()
@@ -311,6 +341,7 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
             "refresh_interval_s_min": round(min(intervals), 2),
             "refresh_interval_s_max": round(max(intervals), 2),
             "min_expires_in": min(s.expires_in for s in traffic.serves),
+            "machine_stall_max_s": round(stalls[0], 3),
             "idp": delta,
         },
     )
@@ -327,17 +358,20 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
     assert 0.85 * expected <= delta["refresh_ok"] <= 1.15 * expected
     # Refreshes ran on the schedule: at half of each 5 s life (jitter moves them earlier),
     # never at expiry, where a refresh that a caller needed would happen.
+    # The upper bounds allow for the longest time the machine stood still meanwhile (measured
+    # by a separate process), which delays the broker's timers no matter what it does.
+    stall = stalls[0]
     assert all(c.outcome == "success" for c in calls)
     low = LIFETIME * SETTINGS.lifetime_fraction * (1 - SETTINGS.jitter)
     assert low - 0.05 <= min(intervals)
-    assert max(intervals) < LIFETIME * SETTINGS.lifetime_fraction + 1.5
-    assert min(s.expires_in for s in traffic.serves) >= 1
+    assert max(intervals) < LIFETIME * SETTINGS.lifetime_fraction + 1.5 + stall
+    assert min(s.expires_in for s in traffic.serves) >= (1 if stall < 0.5 else 0)
     # Callers were answered from memory; only those that arrived while their grant's token was
     # at the IdP waited, and for no longer than that one call.
     memory = latency_numbers(verdict.plain)
-    assert memory["p99_ms"] < MEMORY_P99 * 1000
-    assert memory["p100_ms"] < MEMORY_P100 * 1000
-    assert max(waits_beyond_call, default=0) < MEMORY_P100
+    assert memory["p99_ms"] < (MEMORY_P99 + stall) * 1000
+    assert memory["p100_ms"] < (MEMORY_P100 + stall) * 1000
+    assert max(waits_beyond_call, default=0) < MEMORY_P100 + stall
     assert slow_server_side <= len(verdict.joined)
     assert all(g["state"] == "active" and g["has_refresh_token"] for g in grants.values())
 
