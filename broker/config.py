@@ -53,6 +53,8 @@ _URL_KEYS = (
     "revocation_endpoint",
     "jwks_uri",
     "userinfo_endpoint",
+    "device_authorization_endpoint",
+    "introspection_endpoint",
 )
 _IDENTITY_KEYS = ("unix_user", "unix_uid", "unix_group", "token_sha256")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -126,6 +128,9 @@ class ProviderConfig:
     access_token_from: AccessTokenSource
     refresh_grace: timedelta
     rotates_refresh_tokens: bool
+    device_authorization_endpoint: str | None = None
+    introspection_endpoint: str | None = None
+    git_username: str = "oauth2"  # the username `token-broker git-credential` answers with
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +357,22 @@ def _parse_provider(name: str, t: Table, base_dir: Path) -> ProviderConfig:
         access_token_from=_token_source(t, scopes),
         refresh_grace=t.duration("refresh_grace", timedelta(0)),
         rotates_refresh_tokens=t.flag("rotates_refresh_tokens", True),
+        device_authorization_endpoint=urls["device_authorization_endpoint"],
+        introspection_endpoint=urls["introspection_endpoint"],
+        git_username=_git_username(t),
     )
+
+
+def _git_username(t: Table) -> str:
+    name = t.string("git_username")
+    if name is None:
+        return "oauth2"
+    if not name or any(c.isspace() or c in "=\0" for c in name) or len(name) > 128:
+        t.problem(
+            "git_username", f"must be 1 to 128 characters without whitespace or =, got {name!r}"
+        )
+        return "oauth2"
+    return name
 
 
 def _token_source(t: Table, scopes: tuple[str, ...]) -> AccessTokenSource:

@@ -110,6 +110,9 @@ class GrantService:
 
     async def load(self) -> int:
         """Fill the cache from the store; how many grants it holds."""
+        if self._refresher is not None:
+            await self._refresher.sync()  # from version 0: everything, and the deletions since
+            return len(self._cache)
         for grant in await self._repository.all():
             self._cache.put(grant)
         return len(self._cache)
@@ -415,7 +418,7 @@ class GrantService:
                     "the grant is kept: try again",
                     RETRY_AFTER_SECONDS,
                 ) from None
-        await self._repository.delete(grant.id)
+        await self._repository.delete(grant.id, self._clock())
         self._cache.drop(provider, user)
         return revoked
 

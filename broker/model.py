@@ -95,6 +95,9 @@ class Grant:
     intent_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # The store's change sequence value of this write: orders writes of one row (with the
+    # generation), never the wall clock (ROTATION.md invariant 9).
+    version: int = 0
 
     @property
     def name(self) -> str:

@@ -148,6 +148,8 @@ class Refresher:
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat: datetime | None = None
+        # The change sequence value up to which this process has published the store's writes.
+        self.seen_version = 0
 
     # -- single flight ---------------------------------------------------------------------
 
@@ -187,15 +189,13 @@ class Refresher:
 
     async def run(self) -> None:
         """Refresh grants as they come due, until cancelled."""
-        watermark = self._clock() - POLL
         last_sweep = 0.0
         while True:
             now = self._clock()
             self.heartbeat = now
             try:
-                watermark = await self._sync(watermark, now)
+                await self.sync()
                 if time.monotonic() - last_sweep > SWEEP_SECONDS:
-                    await self._sweep_deleted()
                     await self._break_dead_leases()
                     last_sweep = time.monotonic()
                 await self._start_due(now)
@@ -207,18 +207,16 @@ class Refresher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    async def _sync(self, watermark: datetime, now: datetime) -> datetime:
-        """Load grants written since `watermark` (by anyone) into the cache."""
-        for grant in await self._repository.changed_since(watermark):
+    async def sync(self) -> None:
+        """Follow the store's change sequence: publish what anyone wrote or deleted since."""
+        changes = await self._repository.changes_since(self.seen_version)
+        for grant in changes.written:
             self._cache.put(grant)
-        # Overlap a little: a write committed with an earlier timestamp than ours.
-        return now - POLL
-
-    async def _sweep_deleted(self) -> None:
-        ids = await self._repository.ids()
-        for grant in self._cache:
-            if grant.id not in ids:
-                self._cache.drop(grant.provider, grant.user)
+        for gone in changes.deleted:
+            cached = self._cache.get(gone.provider, gone.user)
+            if cached is not None and cached.id == gone.grant_id:
+                self._cache.drop(gone.provider, gone.user)
+        self.seen_version = max(self.seen_version, changes.version)
 
     async def _start_due(self, now: datetime) -> None:
         for due in await self._repository.due(now, DUE_BATCH, self._providers.keys()):

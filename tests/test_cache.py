@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from broker.cache import GrantCache
 from broker.model import Grant, GrantState, Secret, TokenSet
@@ -86,3 +89,66 @@ def test_grants_are_keyed_by_provider_and_user(new_secret: Callable[[str], str])
     assert cache.get("netid", "alice") is not None
     assert cache.get("netid", "bob") is None
     assert len(cache) == 2
+
+
+def test_at_one_generation_the_higher_version_wins_whatever_the_wall_clock_says(
+    new_secret: Callable[[str], str],
+) -> None:
+    """A later write of one generation (a stored back-off) replaces the earlier one even when a
+    clock step back stamped it with an earlier time, and the earlier one cannot come back."""
+    access = new_secret("at")
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    first = replace(_grant("row-1", 4, access), version=10, updated_at=now)
+    stepped_back = replace(first, version=11, updated_at=now - timedelta(minutes=10))
+    stepped_back = replace(stepped_back, last_error="backing off")
+    cache = GrantCache()
+    cache.put(first)
+    assert cache.put(stepped_back)
+    assert not cache.put(first)
+    cached = cache.get("techniek", "alice")
+    assert cached is not None
+    assert cached.version == 11
+    assert cached.last_error == "backing off"
+
+
+def test_the_same_write_published_twice_is_announced_once(
+    new_secret: Callable[[str], str],
+) -> None:
+    """Subscribers hear of each change once: a repeated put of the same version is no change."""
+    grant = replace(_grant("row-1", 1, new_secret("at")), version=3)
+    cache = GrantCache()
+    heard: list[tuple[int | None, int | None]] = []
+    cache.subscribe(
+        lambda before, after: heard.append(
+            (None if before is None else before.version, None if after is None else after.version)
+        )
+    )
+    assert cache.put(grant)
+    assert not cache.put(grant)
+    newer = replace(grant, generation=2, version=4)
+    assert cache.put(newer)
+    cache.drop("techniek", "alice")
+    assert heard == [(None, 3), (3, 4), (4, None)]
+
+
+def test_a_failing_subscriber_does_not_keep_the_others_from_hearing(
+    new_secret: Callable[[str], str],
+) -> None:
+    """One subscriber's error reaches the publisher only after every subscriber has heard, and
+    the entry is changed regardless."""
+    cache = GrantCache()
+    heard: list[str] = []
+
+    def broken(_before: Grant | None, _after: Grant | None) -> None:
+        raise RuntimeError("subscriber bug")
+
+    cache.subscribe(broken)
+    unsubscribe = cache.subscribe(lambda _b, after: heard.append(after.user if after else "-"))
+    with pytest.raises(RuntimeError, match="subscriber bug"):
+        cache.put(_grant("row-1", 1, new_secret("at")))
+    assert heard == ["alice"]
+    assert cache.get("techniek", "alice") is not None
+    unsubscribe()
+    with pytest.raises(RuntimeError):
+        cache.put(replace(_grant("row-1", 2, new_secret("at")), version=1))
+    assert heard == ["alice"]

@@ -412,10 +412,11 @@ class SlowIntentRepository(GrantRepository):
         super().__init__(engine, keyring)
         self.clock = clock
 
-    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
+    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> int:
         """Write the intent; the commit takes 20 s."""
-        await super().mark_sent(grant_id, generation, owner, now)
+        version = await super().mark_sent(grant_id, generation, owner, now)
         self.clock.advance(20)
+        return version
 
 
 async def test_grace_is_counted_from_the_send_not_from_a_slow_intent_write(

@@ -132,10 +132,11 @@ class KillableRepository(GrantRepository):
         self._maybe_die("after_claim")
         return grant
 
-    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
+    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> int:
         """Write the intent, then perhaps die before sending."""
-        await super().mark_sent(grant_id, generation, owner, now)
+        version = await super().mark_sent(grant_id, generation, owner, now)
         self._maybe_die("after_mark_sent")
+        return version
 
     async def commit_refresh(
         self, grant: Grant, expected_generation: int, owner: str, now: datetime

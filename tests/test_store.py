@@ -230,9 +230,9 @@ async def test_delete_removes_the_row_once(repo: GrantRepository, new_secret: Ne
     """delete reports True for an existing grant, then it is gone and a second delete says False."""
     stored = await repo.insert(make_grant(new_secret), NOW)
     other = await repo.insert(make_grant(new_secret, "bob"), NOW)
-    assert await repo.delete(stored.id) is True
+    assert await repo.delete(stored.id, NOW) is True
     assert await repo.get("techniek", "alice") is None
-    assert await repo.delete(stored.id) is False
+    assert await repo.delete(stored.id, NOW) is False
     assert await repo.all() == [other]
 
 

@@ -24,6 +24,8 @@ class ProviderMetadata:
     revocation_endpoint: str | None = None
     jwks_uri: str | None = None
     userinfo_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    introspection_endpoint: str | None = None
     iss_parameter_supported: bool = False
     id_token_algorithms: tuple[str, ...] = ("RS256",)
 
@@ -66,7 +68,8 @@ async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> 
             found.update(oidc)
         # OpenID discovery documents often omit the revocation endpoint that the OAuth
         # metadata lists, so read that too when something is missing.
-        if "revocation_endpoint" not in found or oidc is None:
+        wanted = ("revocation_endpoint", "introspection_endpoint", "device_authorization_endpoint")
+        if oidc is None or any(key not in found for key in wanted):
             for url in (rfc8414_url(issuer), _path_suffix_url(issuer)):
                 oauth = await _fetch(session, url)
                 if oauth is not None:
@@ -81,6 +84,8 @@ async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> 
         "revocation_endpoint": provider.revocation_endpoint,
         "jwks_uri": provider.jwks_uri,
         "userinfo_endpoint": provider.userinfo_endpoint,
+        "device_authorization_endpoint": provider.device_authorization_endpoint,
+        "introspection_endpoint": provider.introspection_endpoint,
     }
     found.update({key: value for key, value in explicit.items() if value is not None})
     for required in ("authorization_endpoint", "token_endpoint"):
@@ -97,6 +102,8 @@ async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> 
         revocation_endpoint=_str(found.get("revocation_endpoint")),
         jwks_uri=_str(found.get("jwks_uri")),
         userinfo_endpoint=_str(found.get("userinfo_endpoint")),
+        device_authorization_endpoint=_str(found.get("device_authorization_endpoint")),
+        introspection_endpoint=_str(found.get("introspection_endpoint")),
         iss_parameter_supported=found.get("authorization_response_iss_parameter_supported") is True,
         id_token_algorithms=_algorithms(algorithms),
     )

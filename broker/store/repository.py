@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.crypto import Keyring
 from broker.errors import ConflictError
@@ -23,7 +23,7 @@ from broker.model import Grant, GrantState
 from broker.store.engine import writer
 from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer
-from broker.store.tables import UTCDateTime, grants
+from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,25 @@ class DueGrant:
     id: str
     provider: str
     next_refresh_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """A grant deleted at a version of the change sequence."""
+
+    grant_id: str
+    provider: str
+    user: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a follower of the change sequence has not seen yet, and where it now stands."""
+
+    written: list[Grant]
+    deleted: list[Deletion]
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +120,13 @@ class GrantRepository:
         values = {**self._rows.plain(grant), **self._rows.sealed(grant)}
         try:
             async with self._writer.begin() as conn:
+                values["version"] = await take_versions(conn)
                 await conn.execute(insert(grants).values(**values))
         except IntegrityError:
             raise ConflictError(
                 f"grant {grant.name} was created by someone else meanwhile"
             ) from None
-        return replace(grant, key_id=values["key_id"])
+        return replace(grant, key_id=values["key_id"], version=values["version"])
 
     async def replace_tokens(self, grant: Grant, expected_generation: int, now: datetime) -> Grant:
         """Write `grant` over its row if the row is still at `expected_generation`."""
@@ -114,24 +134,41 @@ class GrantRepository:
         values = {**self._rows.plain(new), **self._rows.sealed(new)}
         for fixed in ("id", "created_at"):
             values.pop(fixed)
-        query = (
-            update(grants)
-            .where(grants.c.id == grant.id, grants.c.generation == expected_generation)
-            .values(**values)
-        )
         async with self._writer.begin() as conn:
-            result = await conn.execute(query)
-        if result.rowcount != 1:
-            raise ConflictError(
-                f"grant {grant.name} changed under us (expected generation {expected_generation})"
+            values["version"] = await take_versions(conn)
+            result = await conn.execute(
+                update(grants)
+                .where(grants.c.id == grant.id, grants.c.generation == expected_generation)
+                .values(**values)
             )
-        return replace(new, key_id=values["key_id"])
+            if result.rowcount != 1:
+                raise ConflictError(
+                    f"grant {grant.name} changed under us "
+                    f"(expected generation {expected_generation})"
+                )
+        return replace(new, key_id=values["key_id"], version=values["version"])
 
-    async def delete(self, grant_id: str) -> bool:
-        """Delete a grant row; True when it existed."""
+    async def delete(self, grant_id: str, now: datetime) -> bool:
+        """Delete a grant row, recording the deletion in the change sequence; True if it existed."""
         async with self._writer.begin() as conn:
-            result = await conn.execute(delete(grants).where(grants.c.id == grant_id))
-        return result.rowcount == 1
+            row = (
+                await conn.execute(
+                    select(grants.c.provider, grants.c.user_name).where(grants.c.id == grant_id)
+                )
+            ).first()
+            if row is None:
+                return False
+            await conn.execute(delete(grants).where(grants.c.id == grant_id))
+            await conn.execute(
+                insert(grant_deletions).values(
+                    version=await take_versions(conn),
+                    grant_id=grant_id,
+                    provider=row.provider,
+                    user_name=row.user_name,
+                    deleted_at=now,
+                )
+            )
+        return True
 
     # -- the refresher: schedule, leases, intent, compare-and-swap commits -------------------
     #
@@ -169,17 +206,33 @@ class GrantRepository:
             value: datetime | None = (await conn.execute(query)).scalar_one()
         return UTCDateTime().process_result_value(value, self._engine.dialect)
 
-    async def changed_since(self, moment: datetime) -> list[Grant]:
-        """Grants written at or after `moment` (by this process or another), opened."""
-        query = select(grants).where(grants.c.updated_at >= moment)
+    async def changes_since(self, version: int) -> Changes:
+        """Writes and deletions with a version above `version` (by anyone), in version order."""
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [self._rows.open(row) for row in rows]
+            rows = (
+                await conn.execute(
+                    select(grants).where(grants.c.version > version).order_by(grants.c.version)
+                )
+            ).all()
+            gone = (
+                await conn.execute(
+                    select(grant_deletions)
+                    .where(grant_deletions.c.version > version)
+                    .order_by(grant_deletions.c.version)
+                )
+            ).all()
+        written = [self._rows.open(row) for row in rows]
+        deleted = [Deletion(row.grant_id, row.provider, row.user_name, row.version) for row in gone]
+        last = max([version, *(g.version for g in written), *(d.version for d in deleted)])
+        return Changes(written, deleted, last)
 
-    async def ids(self) -> set[str]:
-        """Every grant's row id (to notice deletions made by another process)."""
+    async def last_version(self) -> int:
+        """The change sequence's current value: everything up to it is committed."""
         async with self._engine.connect() as conn:
-            return set((await conn.execute(select(grants.c.id))).scalars().all())
+            value = (
+                await conn.execute(select(grant_changes.c.seq).where(grant_changes.c.id == 1))
+            ).scalar_one_or_none()
+        return int(value or 0)
 
     async def claim(
         self, grant_id: str, owner: str, now: datetime, until: datetime
@@ -204,9 +257,12 @@ class GrantRepository:
             row = (await conn.execute(select(grants).where(grants.c.id == grant_id))).one()
         return self._rows.open(row)
 
-    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> None:
-        """Record, durably, that this generation's refresh token is about to be sent."""
-        await self._guarded(grant_id, generation, owner, {"intent_at": now, "updated_at": now})
+    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> int:
+        """Record, durably, that this generation's refresh token is about to be sent; the
+        write's version."""
+        return await self._guarded(
+            grant_id, generation, owner, {"intent_at": now, "updated_at": now}
+        )
 
     async def commit_refresh(
         self, grant: Grant, expected_generation: int, owner: str, now: datetime
@@ -216,13 +272,14 @@ class GrantRepository:
         values = {**self._rows.plain(new), **self._rows.sealed(new)}
         for fixed in ("id", "created_at"):
             values.pop(fixed)
-        await self._guarded(
+        values.pop("version")
+        version = await self._guarded(
             grant.id,
             expected_generation,
             owner,
             {**values, "lease_owner": None, "lease_expires_at": None},
         )
-        return replace(new, key_id=values["key_id"])
+        return replace(new, key_id=values["key_id"], version=version)
 
     async def settle(
         self,
@@ -246,7 +303,7 @@ class GrantRepository:
             "lease_owner": None,
             "lease_expires_at": None,
         }
-        await self._guarded(grant.id, grant.generation, owner, changes)
+        version = await self._guarded(grant.id, grant.generation, owner, changes)
         return replace(
             grant,
             state=state,
@@ -255,6 +312,7 @@ class GrantRepository:
             refresh_failures=refresh_failures,
             intent_at=None,
             updated_at=now,
+            version=version,
         )
 
     async def changed_elsewhere(self, grant_id: str, generation: int, now: datetime) -> bool:
@@ -312,22 +370,23 @@ class GrantRepository:
 
     async def _guarded(
         self, grant_id: str, generation: int, owner: str, values: dict[str, Any]
-    ) -> None:
-        query = (
-            update(grants)
-            .where(
-                grants.c.id == grant_id,
-                grants.c.generation == generation,
-                grants.c.lease_owner == owner,
-            )
-            .values(**values)
-        )
+    ) -> int:
         async with self._writer.begin() as conn:
-            result = await conn.execute(query)
-        if result.rowcount != 1:
-            raise ConflictError(
-                f"grant row {grant_id} is no longer at generation {generation} under this lease"
+            version = await take_versions(conn)
+            result = await conn.execute(
+                update(grants)
+                .where(
+                    grants.c.id == grant_id,
+                    grants.c.generation == generation,
+                    grants.c.lease_owner == owner,
+                )
+                .values(**values, version=version)
             )
+            if result.rowcount != 1:
+                raise ConflictError(
+                    f"grant row {grant_id} is no longer at generation {generation} under this lease"
+                )
+        return version
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -388,3 +447,18 @@ class GrantRepository:
             if not await conn.run_sync(lambda sync: inspect(sync).has_table("grants")):
                 return []
             return await verify_keys(conn, self.keyring)
+
+
+async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
+    """Take `count` values of the change sequence inside `conn`'s write transaction; the last.
+
+    The counter row stays locked until the transaction ends, so values are handed out in
+    commit order: a follower that has seen version v never later finds a new write below v.
+    """
+    result = await conn.execute(
+        update(grant_changes)
+        .where(grant_changes.c.id == 1)
+        .values(seq=grant_changes.c.seq + count)
+        .returning(grant_changes.c.seq)
+    )
+    return int(result.scalar_one())

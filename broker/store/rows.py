@@ -46,6 +46,7 @@ class GrantRows:
             "access_issued_at": grant.access_issued_at,
             "refresh_failures": grant.refresh_failures,
             "intent_at": grant.intent_at,
+            "version": grant.version,
         }
 
     def sealed(self, grant: Grant) -> dict[str, Any]:
@@ -109,6 +110,7 @@ class GrantRows:
             access_issued_at=m["access_issued_at"],
             refresh_failures=m["refresh_failures"],
             intent_at=m["intent_at"],
+            version=m["version"],
         )
 
 

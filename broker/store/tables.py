@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -86,10 +87,35 @@ grants = Table(
     Column("intent_at", UTCDateTime, nullable=True),
     Column("lease_owner", String(64), nullable=True),
     Column("lease_expires_at", UTCDateTime, nullable=True),
+    # The change sequence value of the row's last visible write (migration 0004): what orders
+    # two writes of one row, and what other processes follow the store by.
+    Column("version", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("provider", "user_name"),
     Index(None, "next_refresh_at"),
     Index(None, "key_id"),
     Index(None, "updated_at"),
+    Index(None, "version"),
+)
+
+# One row (id 1): the last value of the change sequence. A write takes its values with
+# `UPDATE ... SET seq = seq + n RETURNING seq`, whose row lock is held until that transaction
+# commits, so values are handed out in commit order (a poller never misses a late commit).
+grant_changes = Table(
+    "grant_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+)
+
+# A deleted grant's last word in the change sequence: followers drop it from their caches.
+grant_deletions = Table(
+    "grant_deletions",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("grant_id", String(32), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("user_name", String(128), nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=False),
 )
 
 # Logins in progress. The state is kept only as its SHA-256; nonce and PKCE verifier are sealed
