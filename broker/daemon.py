@@ -22,7 +22,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ from broker.api.identity import Policy
 from broker.api.server import start_runner
 from broker.api.sockets import BACKLOG, bind_unix
 from broker.cache import GrantCache
+from broker.clock import SLEW, SteadyClock
 from broker.config import Config, Listen, ProviderConfig, load_config
 from broker.crypto import Keyring, keyring_path, load_keyring
 from broker.errors import BrokerError, ConfigError, KeyringError, StartupError
@@ -60,9 +61,18 @@ API_FD_NAME = "api"  # FileDescriptorName= of the API socket in token-broker.soc
 log = structlog.get_logger("broker.daemon")
 
 
-def utcnow() -> datetime:
-    """The wall clock, in UTC; the one clock the daemon injects everywhere."""
-    return datetime.now(UTC)
+def steady_clock() -> SteadyClock:
+    """The one clock the daemon injects everywhere: the wall clock, followed without steps."""
+
+    def stepped(offset: float) -> None:
+        log.warning(
+            "clock_step_detected",
+            offset_s=round(offset, 3),
+            detail="the wall clock jumped; the broker keeps its own time steady and follows the "
+            f"wall clock at {SLEW * 1000:g} ms per second",
+        )
+
+    return SteadyClock(on_step=stepped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +134,7 @@ class Daemon:
     ) -> list[str]:
         """Reasons the daemon is not ready; empty when it is."""
         problems: list[str] = []
-        stalled = None if refresher is None else refresher.stalled(self.clock())
+        stalled = None if refresher is None else refresher.stalled()
         if stalled:
             problems.append(f"refresher: {stalled}")
         try:
@@ -326,6 +336,9 @@ class Daemon:
         old = self.config
         rt.clients.replace(clients)
         rt.providers.replace(new.providers)
+        for name, provider in new.providers.items():
+            if old.providers.get(name) != provider:
+                rt.refresher.resume(name)  # a paused provider is tried again with the new config
         rt.metrics.add_providers(new.providers)
         rt.policy.replace(new.clients)
         self.required = new.readiness.required_grants
@@ -375,7 +388,7 @@ class Daemon:
         """Feed the watchdog while the refresh loop is healthy, and keep STATUS= current."""
         await keepalive(
             self.notifier,
-            health=lambda: rt.refresher.stalled(self.clock()),
+            health=rt.refresher.stalled,
             status=lambda: self._status(rt),
         )
 
@@ -435,5 +448,5 @@ async def serve(
     config: Config, environ: Mapping[str, str] | None = None, config_path: Path | None = None
 ) -> None:
     """Run the daemon for `config` until it is told to stop."""
-    daemon = Daemon(config, os.environ if environ is None else environ, utcnow, config_path)
+    daemon = Daemon(config, os.environ if environ is None else environ, steady_clock(), config_path)
     await daemon.run()

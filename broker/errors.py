@@ -5,12 +5,16 @@
     ├── KeyringError                 the keyring is missing, unreadable, too open, or malformed
     │   └── DecryptError             a sealed value does not open (wrong key, value moved)
     ├── StartupError                 the daemon cannot start (a listener is taken, a path is wrong)
-    ├── StoreError                   the database cannot be reached or is in an unexpected shape
+    ├── StoreError                   the database is in an unexpected shape, or refused a write
+    │   ├── StoreUnavailable         it cannot be reached or timed out right now  retryable=True
     │   └── ConflictError            a compare-and-swap lost: someone else changed the row first
     ├── IdpError                     a call to the identity provider failed; `outcome` names how
-    │   ├── IdpRejected              it answered with an OAuth error (`terminal`: the grant is over)
+    │   ├── IdpRejected              it answered with an OAuth error: `terminal` (invalid_grant:
+    │   │                            the grant is over) or `client_error` (the registration)
     │   ├── IdpUnreachable           the request never left: refused, DNS, TLS   retryable=True
-    │   ├── IdpAmbiguous             it may have been processed: read timeout, reset, 5xx, bad 200
+    │   ├── IdpNotProcessed          it said it did not act: 429, 503, 4xx        retryable=True
+    │   ├── IdpAmbiguous             it may have been processed: read timeout, reset, 500, 502,
+    │   │                            504, a 200 that cannot be used
     │   └── IdTokenInvalid           the ID token failed a check; the message names which
     ├── LoginError                   a login cannot start or complete; the message says why
     └── GrantError                   a request about one grant cannot be satisfied
@@ -58,6 +62,16 @@ class StoreError(BrokerError):
     """The store cannot be used."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, dropped the connection, or did not answer in time.
+
+    Whether a write in flight when this happened landed is unknown: a retry must recognise its
+    own write (the refresher stamps each write with a write id for that).
+    """
+
+    retryable = True
+
+
 class ConflictError(StoreError):
     """A compare-and-swap on a grant's generation lost."""
 
@@ -79,9 +93,15 @@ class IdpError(BrokerError):
 
 
 class IdpRejected(IdpError):
-    """The IdP answered with an OAuth error; it did not issue tokens."""
+    """The IdP answered with an OAuth error; it did not issue tokens.
 
-    TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+    Only `invalid_grant` ends a grant (ROTATION.md invariant 5). `invalid_client` and
+    `unauthorized_client` are about the client's registration, not the user: they pause
+    refreshing for the provider and leave every grant as it is.
+    """
+
+    TERMINAL_ERRORS = frozenset({"invalid_grant"})
+    CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
     def __init__(
         self, error: str, description: str | None, status: int, retry_after: float | None = None
@@ -98,12 +118,24 @@ class IdpRejected(IdpError):
         return self.error in self.TERMINAL_ERRORS
 
     @property
+    def client_error(self) -> bool:
+        """Whether the provider refuses this client (its registration), not the user's grant."""
+        return self.error in self.CLIENT_ERRORS
+
+    @property
     def outcome(self) -> str:  # type: ignore[override]
         return "invalid_grant" if self.terminal else "transient_error"
 
 
 class IdpUnreachable(IdpError):
     """The request never reached the IdP; retrying cannot have side effects."""
+
+    retryable = True
+
+
+class IdpNotProcessed(IdpError):
+    """The IdP answered that it did not act on the request (429, 503, another 4xx): the
+    refresh token it carried is unspent; back off and retry with the same token."""
 
     retryable = True
 

@@ -6,13 +6,15 @@ only after their commit (persist before publish).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,13 +22,14 @@ from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import (
     BadRequest,
+    ConflictError,
     GrantNotFound,
     IdpError,
     IdpRejected,
     ReauthRequired,
+    StoreError,
     TokenUnavailable,
 )
-from broker.idp.client import ProviderClient
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.metrics import GrantGauges
 from broker.model import (
@@ -51,9 +54,19 @@ ADMIN_WAIT_SECONDS = MAX_CALL_SECONDS + 5
 # A token issued this recently is not refreshed again for a caller's min_ttl.
 MIN_REFRESH_INTERVAL = timedelta(seconds=5)
 # From this long before a grant's refresh time, the token path confirms with the store that no
-# other process sharing it is rotating the grant.
+# other process sharing it is rotating the grant; a store slower than this is not waited for.
 NEAR_REFRESH = timedelta(seconds=2)
+STORE_CHECK_SECONDS = 0.25
+RETRY_AFTER_STORE_SECONDS = 5
 log = structlog.get_logger("broker.grants")
+
+
+class Revoker(Protocol):
+    """What revoking a grant needs from its provider (ProviderClient; a model IdP in tests)."""
+
+    async def revoke_grant(self, refresh_token: Secret | None, access_token: Secret | None) -> bool:
+        """Revoke the grant's tokens at the provider; False when it has nowhere to do so."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,7 @@ class GrantService:
         self,
         repository: GrantRepository,
         providers: Mapping[str, ProviderConfig],
-        clients: Mapping[str, ProviderClient] | None = None,
+        clients: Mapping[str, Revoker] | None = None,
         *,
         cache: GrantCache | None = None,
         refresher: Refresher | None = None,
@@ -130,19 +143,22 @@ class GrantService:
         if grant.state is not GrantState.ACTIVE:
             return self._after_refusal(grant, now)
         refresher = self._refresher
-        if refresher is not None and await self._rotating(grant, now):
-            # The cached token may die any moment now (the provider deletes it when it
-            # rotates): join the refresh in flight, one IdP round trip at most.
-            await refresher.wait(grant, CALLER_WAIT_SECONDS)
-            grant, now = self._cached(provider, user), self._clock()
-            if grant.state is not GrantState.ACTIVE:
-                return self._after_refusal(grant, now)
-            if refresher.is_rotating(grant.id) or grant.intent_at is not None:
-                raise TokenUnavailable(
-                    f"a refresh of grant {grant.name} is taking long; its old access token "
-                    "may no longer be valid",
-                    1,
-                )
+        if refresher is not None:
+            self._refuse_while_storing(grant)
+            if await self._rotating(grant, now):
+                # The cached token may die any moment now (the provider deletes it when it
+                # rotates): wait for the refresh in flight, one IdP round trip at most.
+                grant = await self._rotation_ended(grant)
+                now = self._clock()
+                if grant.state is not GrantState.ACTIVE:
+                    return self._after_refusal(grant, now)
+                self._refuse_while_storing(grant)
+                if refresher.is_rotating(grant.id) or grant.intent_at is not None:
+                    raise TokenUnavailable(
+                        f"a refresh of grant {grant.name} is taking long; its old access token "
+                        "may no longer be valid",
+                        1,
+                    )
         if grant.tokens.access_token is not None and not needs_refresh(
             grant.access_expires_at, now, min_ttl
         ):
@@ -152,7 +168,8 @@ class GrantService:
             grant, now = self._cached(provider, user), self._clock()
             if grant.state is not GrantState.ACTIVE:
                 return self._after_refusal(grant, now)
-        if grant.access_ttl(now) > 0:
+            self._refuse_while_storing(grant)
+        if grant.access_ttl(now) > 0 and grant.intent_at is None:
             return grant
         if grant.tokens.refresh_token is None:
             raise ReauthRequired(
@@ -162,19 +179,47 @@ class GrantService:
         retry_after = RETRY_AFTER_SECONDS
         if grant.next_refresh_at is not None and grant.next_refresh_at > now:
             retry_after = max(1, math.ceil((grant.next_refresh_at - now).total_seconds()))
+        gate_wait = None if refresher is None else refresher.retry_after(grant.provider)
+        if gate_wait is not None:
+            retry_after = max(1, math.ceil(gate_wait))
         raise TokenUnavailable(
             f"grant {grant.name} has no valid access token right now"
             + (f" ({grant.last_error})" if grant.last_error else ""),
             retry_after,
         )
 
+    async def _rotation_ended(self, grant: Grant) -> Grant:
+        """The grant once no refresh of it is in flight (here or elsewhere), or as it stands
+        after CALLER_WAIT_SECONDS."""
+        assert self._refresher is not None
+        deadline = time.monotonic() + CALLER_WAIT_SECONDS
+        while True:
+            current = self._cached(grant.provider, grant.user)
+            busy = self._refresher.is_rotating(current.id) or current.intent_at is not None
+            left = deadline - time.monotonic()
+            if not busy or left <= 0 or current.state is not GrantState.ACTIVE:
+                return current
+            await self._refresher.wait_for_change(current, left)
+
+    def _refuse_while_storing(self, grant: Grant) -> None:
+        """New tokens the store has not taken yet are not served, and the old access token is
+        gone at the provider: the caller should come back in a moment (ROTATION.md, 7)."""
+        assert self._refresher is not None
+        if self._refresher.commit_pending(grant.id):
+            raise TokenUnavailable(
+                f"grant {grant.name} was just refreshed and its new tokens are being stored; "
+                "the store is not accepting writes right now",
+                1,
+            )
+
     async def _rotating(self, grant: Grant, now: datetime) -> bool:
         """Whether the grant's refresh token is at the IdP now, here or in another process.
 
-        Memory answers for this process. Another process sharing the store can only be
-        rotating a grant around its refresh time, so only then is the store asked (one
-        primary-key read): a newer generation or another owner's open intent both mean the
-        cached token is about to die, or has.
+        Memory answers for this process, and for others whose intent this process has seen
+        (the claim records it). Around the grant's refresh time the store is also asked (one
+        primary-key read, briefly): a newer generation or another owner's open intent both
+        mean the cached token is about to die, or has. A store that cannot answer in time
+        changes nothing: the cached token is served (ROTATION.md invariant 7).
         """
         assert self._refresher is not None
         if self._refresher.is_rotating(grant.id) or grant.intent_at is not None:
@@ -182,11 +227,24 @@ class GrantService:
         near = grant.next_refresh_at is not None and now >= grant.next_refresh_at - NEAR_REFRESH
         if not near:
             return False
-        return await self._repository.changed_elsewhere(grant.id, grant.generation, now)
+        try:
+            return await asyncio.wait_for(
+                self._repository.changed_elsewhere(grant.id, grant.generation, now),
+                STORE_CHECK_SECONDS,
+            )
+        except (StoreError, TimeoutError):
+            return False
 
     async def _load_missing(self, provider: str, user: str) -> Grant:
         """A grant another process stored since this one last looked, or GrantNotFound."""
-        grant = await self._repository.get(provider, user)
+        try:
+            grant = await self._repository.get(provider, user)
+        except StoreError:
+            raise TokenUnavailable(
+                f"grant {grant_name(provider, user)} is not known here and the store cannot be "
+                "read right now",
+                RETRY_AFTER_STORE_SECONDS,
+            ) from None
         if grant is None:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
         self._cache.put(grant)
@@ -222,7 +280,8 @@ class GrantService:
             and grant.access_issued_at is not None
             and (now - grant.access_issued_at < MIN_REFRESH_INTERVAL)
         )
-        return not in_backoff and not just_issued
+        gate_closed = self._refresher.retry_after(grant.provider) is not None
+        return not in_backoff and not just_issued and not gate_closed
 
     async def refresh_now(self, provider: str, user: str) -> GrantSummary:
         """Refresh a grant at once (admin); the grant as it stands afterwards."""
@@ -396,15 +455,42 @@ class GrantService:
     async def revoke(self, provider: str, user: str) -> bool:
         """Revoke at the IdP when it can, then delete; True when the IdP confirmed.
 
-        When the IdP cannot be reached the grant is kept (TokenUnavailable), so the operator
-        can try again instead of leaving a live refresh token behind.
+        No refresh of the grant may be in flight meanwhile, here or elsewhere (one that is
+        finishes first), so the refresh token revoked is the live one. When the IdP cannot be
+        reached the grant is kept (TokenUnavailable), so the operator can try again instead of
+        leaving a live refresh token behind.
         """
-        grant = await self._repository.get(provider, user)
+        try:
+            grant = await self._repository.get(provider, user)
+        except StoreError:
+            raise TokenUnavailable(
+                "the store cannot be read right now; try again", RETRY_AFTER_STORE_SECONDS
+            ) from None
         if grant is None:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
-        client = self._clients.get(provider)
+        if self._refresher is None:
+            return await self._revoke_and_delete(grant)
+        try:
+            async with self._refresher.exclusive(grant, ADMIN_WAIT_SECONDS) as current:
+                if current is None:
+                    raise GrantNotFound(f"no grant {grant_name(provider, user)}")
+                return await self._revoke_and_delete(current)
+        except ConflictError:
+            raise TokenUnavailable(
+                f"a refresh of grant {grant.name} is in flight; try again", 5
+            ) from None
+
+    async def _revoke_and_delete(self, grant: Grant) -> bool:
+        client = self._clients.get(grant.provider)
         tokens = grant.tokens
         revoked = False
+        if grant.intent_at is not None:
+            log.warning(
+                "revoking_with_unknown_outcome",
+                grant=grant.name,
+                detail="a refresh of this grant ended without a known outcome; the provider may "
+                "hold a newer refresh token than the one revoked",
+            )
         if client is not None:
             try:
                 revoked = await client.revoke_grant(tokens.refresh_token, tokens.access_token)
@@ -419,7 +505,7 @@ class GrantService:
                     RETRY_AFTER_SECONDS,
                 ) from None
         await self._repository.delete(grant.id, self._clock())
-        self._cache.drop(provider, user)
+        self._cache.drop(grant.provider, grant.user)
         return revoked
 
     def check_address(self, provider: str, user: str) -> ProviderConfig:

@@ -119,6 +119,24 @@ class Metrics:
             ["provider", "outcome"],
             registry=r,
         )
+        self.store_commit_retries = Counter(
+            PREFIX + "store_commit_retries",
+            "Writes of a refresh's outcome retried because the store failed.",
+            registry=r,
+        )
+        self.provider_paused = Gauge(
+            PREFIX + "provider_paused",
+            "1 while refreshing is paused because the provider refuses this client "
+            "(invalid_client, unauthorized_client).",
+            ["provider"],
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            PREFIX + "lease_takeovers",
+            "Grants whose lease this node took over from a node found dead.",
+            ["provider"],
+            registry=r,
+        )
         self.build_info = Gauge(
             PREFIX + "build_info", "The running version.", ["version"], registry=r
         )
@@ -136,6 +154,8 @@ class Metrics:
             for outcome in RECOVERY_OUTCOMES:
                 self.rotation_recoveries.labels(provider=provider, outcome=outcome)
             self.refresh_duration.labels(provider=provider)
+            self.provider_paused.labels(provider=provider).set(0)
+            self.lease_takeovers.labels(provider=provider)
         self._providers = self._providers | frozenset(providers)
 
     def provider_label(self, provider: str) -> str:

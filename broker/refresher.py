@@ -6,23 +6,30 @@ One refresh of one grant (`_refresh`):
 
 1. Single flight (1). Within this process a grant has at most one refresh task; callers that
    need it await the task through `asyncio.shield`, so a caller that gives up never cancels
-   the IdP call. Across processes sharing the store, the task first *claims the grant's lease*
-   by compare-and-swap (`claim`): it succeeds only when no other owner holds a live lease.
-   The lease outlives the longest possible IdP call (`LEASE` > `MAX_CALL_SECONDS`), and every
-   later write is guarded by `lease_owner = me AND generation = g`: the generation fences off
-   a process that lost its lease.
-2. The claimed grant's refresh token is spent by `broker.rotation` (intent before send, replay
-   inside grace, the compare-and-swap commit, back-off, rotation_lost; its docstring walks
-   through them against invariants 2 to 7). Only after the rotation's commit does the cache
-   (and so any caller) see the new access token (2, persist before publish). A refresh that is
-   fenced off (ConflictError) publishes whatever the store holds now; one cancelled mid-call
-   releases its lease and leaves its intent for recovery.
-3. Refresh ahead of need (6): the rotation schedules each grant's next refresh; the schedule
+   the IdP call.
+2. Before anything is written, whatever can fail without spending the token is resolved (the
+   provider's metadata and keys, `TokenClient.prepare`): such a failure is "never sent" (4) and
+   backs the whole provider off (broker.gates), costing the grant nothing.
+3. The claim: one compare-and-swap write takes the grant's lease (across processes sharing the
+   store, only when no other owner holds a live one) and records the intent to send, and
+   succeeds only while the row is still the version this process holds (so the token sent is
+   the stored one, and a back-off or rotation another process just stored is respected). The
+   claimed grant, intent set, is published at once: callers of this grant wait for the new token
+   instead of being served the one the provider is about to delete. A claim lost to another
+   owner frees the concurrency slot at once; the caller waits for the change, not the task.
+4. The claimed grant's refresh token is spent by `broker.rotation` (lease checked before every
+   send, replay inside grace, introspection, the compare-and-swap commit retried until it lands,
+   back-off and rotation_lost; its docstring walks through invariants 2 to 7). Only after the
+   rotation's commit does the cache (and so any caller) see the new access token (2, persist
+   before publish). A client error (invalid_client) pauses the provider (5).
+5. Refresh ahead of need (6): the rotation schedules each grant's next refresh; the schedule
    loop starts due refreshes with at most `max_concurrency` in flight per provider.
 
-The schedule loop (`run`) asks the store for due grants through an index, sleeps until the
-next due time (at most `POLL` seconds, to notice other processes' writes), and reloads grants
-that changed in the store into the cache.
+The schedule loop (`run`) follows the store's change sequence (`sync`: writes and deletions by
+anyone, in version order), asks the store for due grants through an index, and sleeps until the
+next due time (at most `POLL` seconds; less while a caller waits for another process's refresh).
+Local timers (cool-downs, gates) run on the monotonic clock, so a step of the wall clock moves
+no deadline of this process.
 """
 
 from __future__ import annotations
@@ -34,18 +41,19 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 
 import structlog
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
-from broker.errors import BrokerError, ConflictError
+from broker.errors import BrokerError, ConflictError, IdpError, StoreError
+from broker.gates import ProviderGate
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.metrics import Metrics
-from broker.model import Grant
-from broker.rotation import REPLAY_MARGIN, Rotation, TokenClient
+from broker.model import Grant, GrantState
+from broker.rotation import REPLAY_MARGIN, Attempt, Lease, Rotated, Rotation, TokenClient
 from broker.schedule import RefreshPolicy, backoff, replay_delay
 from broker.store.repository import GrantRepository
 from broker.tasks import Tasks
@@ -66,8 +74,9 @@ __all__ = [
 # is still waiting for its answer.
 LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
 POLL = timedelta(seconds=1)
-FOLLOW_POLL_SECONDS = 0.05
-SWEEP_SECONDS = 5.0  # how often the loop looks for deleted grants and dead owners' leases
+FAST_POLL_SECONDS = 0.05  # while a caller waits for a refresh another process is making
+EXCLUSIVE_POLL_SECONDS = 0.2
+SWEEP_SECONDS = 5.0  # how often the loop looks for dead owners' leases
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 256
 log = structlog.get_logger("broker.refresher")
@@ -120,36 +129,41 @@ class Refresher:
     ) -> None:
         self._repository = repository
         self._cache = cache
+        self._clients = clients
         self._providers = providers
         self._policy = policy
+        self._metrics = metrics
         self._clock = clock
         self._rand = rand
         self.owner = owner or owner_id()
         self._rotation = Rotation(
             repository,
-            clients=clients,
-            providers=providers,
             policy=policy,
             metrics=metrics,
             clock=clock,
             rand=rand,
             owner=self.owner,
-            lease=LEASE,
             # Taken from this module as the refresher is built, so that a test can move the
             # pauses between replays onto a hand clock by replacing broker.refresher.replay_delay.
             pause=replay_delay,
         )
         self._max_concurrency = max_concurrency
         self._limits: dict[str, asyncio.Semaphore] = {}  # per provider, made on first use
+        self._gates: dict[str, ProviderGate] = {}
         self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
-        self._cooldown: dict[str, datetime] = {}
+        self._sending: set[str] = set()  # claimed: the token is at (or about to reach) the IdP
+        self._held: set[str] = set()  # held off by `exclusive`: no refresh may start
+        self._cooldown: dict[str, float] = {}  # grant id -> monotonic time
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._syncing: asyncio.Task[None] | None = None
         self._tasks = Tasks()
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
-        self.heartbeat: datetime | None = None
+        self.heartbeat: float | None = None  # monotonic time of the loop's last round
         # The change sequence value up to which this process has published the store's writes.
         self.seen_version = 0
+        cache.subscribe(self._published)
 
     # -- single flight ---------------------------------------------------------------------
 
@@ -158,22 +172,102 @@ class Refresher:
         task = self._inflight.get(grant.id)
         if task is None:
             task = self._tasks.spawn(
-                self._refresh(grant.id, grant.provider, grant.updated_at), f"refresh {grant.name}"
+                self._refresh(grant.id, grant.provider, grant.version), f"refresh {grant.name}"
             )
             self._inflight[grant.id] = task
             task.add_done_callback(lambda done: self._forget(grant.id, done))
         return task
 
     async def wait(self, grant: Grant, seconds: float) -> Grant | None:
-        """Refresh `grant` and wait at most `seconds`; giving up never cancels the call."""
+        """Refresh `grant` and wait at most `seconds`; giving up never cancels the call.
+
+        When another process holds the grant's lease, waits (within `seconds`) for the change
+        it stores, without holding anything of this process's.
+        """
+        deadline = time.monotonic() + seconds
         try:
-            return await asyncio.wait_for(asyncio.shield(self.refresh(grant)), seconds)
+            result = await asyncio.wait_for(asyncio.shield(self.refresh(grant)), seconds)
         except TimeoutError:
             return None
+        current = self._cache.by_id(grant.id)
+        if current is not None and current.intent_at is not None and not self.is_rotating(grant.id):
+            await self.wait_for_change(current, deadline - time.monotonic())
+            return self._cache.by_id(grant.id)
+        return result
+
+    async def wait_for_change(self, grant: Grant, seconds: float) -> None:
+        """Wait at most `seconds` until this process publishes a newer version of `grant`
+        (from its own refresh, or from the store's change sequence)."""
+        if seconds <= 0:
+            return
+        current = self._cache.by_id(grant.id)
+        if current is None or current.version != grant.version:
+            return
+        task = self._inflight.get(grant.id)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), seconds)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(grant.id, []).append(future)
+        deadline = time.monotonic() + seconds
+        try:
+            # Another process is refreshing it: follow the store's change sequence closely
+            # until this process publishes the change (or the wait ends).
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), min(FAST_POLL_SECONDS, left))
+                except TimeoutError:
+                    await self._sync_now()
+                else:
+                    return
+        finally:
+            waiting = self._waiters.get(grant.id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiters.pop(grant.id, None)
+
+    async def _sync_now(self) -> None:
+        """One `sync` shared by everyone waiting; a store that cannot answer is not an error."""
+        if self._syncing is None or self._syncing.done():
+            self._syncing = self._tasks.spawn(self.sync(), "sync")
+        with contextlib.suppress(StoreError):
+            await asyncio.shield(self._syncing)
+
+    def _published(self, before: Grant | None, after: Grant | None) -> None:
+        grant = after or before
+        if grant is None:
+            return
+        for future in self._waiters.pop(grant.id, []):
+            if not future.done():
+                future.set_result(None)
 
     def is_rotating(self, grant_id: str) -> bool:
-        """Whether this grant's refresh token is at the IdP right now."""
-        return grant_id in self._rotation.rotating
+        """Whether this process has claimed the grant: its refresh token is at the IdP, or its
+        outcome is being stored."""
+        return grant_id in self._sending
+
+    def commit_pending(self, grant_id: str) -> bool:
+        """Whether the grant's new tokens are known but the store has not taken them yet."""
+        return grant_id in self._rotation.pending
+
+    def gate(self, provider: str) -> ProviderGate:
+        """The provider's gate (made open on first use)."""
+        return self._gates.setdefault(provider, ProviderGate())
+
+    def retry_after(self, provider: str) -> float | None:
+        """Seconds until the provider may be called again, or None when it may be now."""
+        return self.gate(provider).retry_after(time.monotonic())
+
+    def resume(self, provider: str) -> None:
+        """Open the provider's gate (its config was reloaded): call it again at once."""
+        gate = self.gate(provider)
+        if gate.paused:
+            log.info("provider_resumed", provider=provider, reason="its config was reloaded")
+        gate.open()
+        self._metrics.provider_paused.labels(provider).set(0)
+        self._wake.set()
 
     def _forget(self, grant_id: str, task: asyncio.Task[Grant | None]) -> None:
         if self._inflight.get(grant_id) is task:
@@ -191,15 +285,18 @@ class Refresher:
         """Refresh grants as they come due, until cancelled."""
         last_sweep = 0.0
         while True:
-            now = self._clock()
-            self.heartbeat = now
+            self.heartbeat = time.monotonic()
             try:
                 await self.sync()
                 if time.monotonic() - last_sweep > SWEEP_SECONDS:
                     await self._break_dead_leases()
                     last_sweep = time.monotonic()
+                now = self._clock()
                 await self._start_due(now)
                 delay = await self._sleep_for(now)
+            except StoreError as exc:
+                log.warning("refresh_loop_store_unavailable", reason=str(exc))
+                delay = POLL.total_seconds()
             except Exception:  # the loop must outlive a bad moment of the store
                 log.exception("refresh_loop_error")
                 delay = POLL.total_seconds()
@@ -219,11 +316,13 @@ class Refresher:
         self.seen_version = max(self.seen_version, changes.version)
 
     async def _start_due(self, now: datetime) -> None:
+        mono = time.monotonic()
         for due in await self._repository.due(now, DUE_BATCH, self._providers.keys()):
-            if due.id in self._inflight:
+            if due.id in self._inflight or self.gate(due.provider).closed(mono):
                 continue
-            if self._cooldown.get(due.id, now) > now:
+            if self._cooldown.get(due.id, mono) > mono:
                 continue
+            self._cooldown.pop(due.id, None)
             grant = self._cache.by_id(due.id)
             if grant is None:  # written by another process since the last sync
                 grant = await self._repository.get_by_id(due.id)
@@ -270,11 +369,14 @@ class Refresher:
         """Start the schedule loop."""
         self._loop = self._tasks.spawn(self.run(), "refresh loop")
 
-    def stalled(self, now: datetime) -> str | None:
+    def stalled(self) -> str | None:
         """Why the schedule loop is not healthy, or None."""
         if self._loop is None or self._loop.done():
             return "the schedule loop is not running"
-        if self.heartbeat is None or now - self.heartbeat > STALL_AFTER:
+        if (
+            self.heartbeat is None
+            or time.monotonic() - self.heartbeat > STALL_AFTER.total_seconds()
+        ):
             return "the schedule loop has not run for a while"
         return None
 
@@ -295,72 +397,203 @@ class Refresher:
 
     # -- one refresh -----------------------------------------------------------------------
 
-    async def _refresh(self, grant_id: str, provider: str, seen: datetime | None) -> Grant | None:
-        """Refresh one grant as the caller (or the loop) last saw it: written at `seen`."""
+    async def _refresh(self, grant_id: str, provider: str, seen: int) -> Grant | None:
+        """Refresh one grant as the caller (or the loop) last saw it: at version `seen`.
+
+        Never raises for a store or provider failure: the caller gets the grant as this
+        process now holds it, and decides again from that.
+        """
+        # The provider as it is now; a reload during the call does not change what it uses.
+        config, client = self._providers.get(provider), self._clients.get(provider)
+        if config is None or client is None:
+            return self._cache.by_id(grant_id)
         limit = self._limits.setdefault(provider, asyncio.Semaphore(self._max_concurrency))
         async with limit:
-            if self._stopping:  # queued behind the provider's limit when shutdown began
+            cached = self._cache.by_id(grant_id)
+            if not self._may_start(cached, seen):
+                return cached
+            assert cached is not None
+            try:
+                await client.prepare()
+            except IdpError as exc:
+                self._provider_unreachable(provider, exc)
+                return cached
+            try:
+                claimed = await self._claim(cached)
+                if claimed is None and await self._held_by_the_dead(cached):
+                    # A process that died mid-refresh left its lease: recover it now, inside
+                    # the provider's grace, rather than after the lease runs out.
+                    cached = self._cache.by_id(grant_id) or cached
+                    claimed = await self._claim(cached)
+            except StoreError as exc:
+                self._cool_down(cached, exc)
                 return self._cache.by_id(grant_id)
-            now = self._clock()
-            grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
-            if grant is None and await self._break_dead_leases():
-                # The holder may have been a process on this host that died mid-refresh.
-                grant = await self._repository.claim(grant_id, self.owner, now, now + LEASE)
-            if grant is not None:
-                if grant.updated_at != seen and grant.intent_at is None:
-                    # Another process wrote it since we looked (refreshed it, or failed and
-                    # stored a back-off): publish, spend nothing, and let the caller decide
-                    # again on what the store holds. Leases alone do not touch updated_at.
-                    await self._release(grant)
-                    self._cache.put(grant)
-                    return grant
-                return await self._run_claimed(grant)
-        return await self._follow(grant_id)
+            if claimed is not None:
+                grant, lease = claimed
+                attempt = Attempt(grant, config, client, lease, cached.intent_at is not None)
+                return await self._run_claimed(attempt)
+        return await self._lost_claim(grant_id, seen)
 
-    async def _run_claimed(self, grant: Grant) -> Grant | None:
+    @contextlib.asynccontextmanager
+    async def exclusive(self, grant: Grant, seconds: float) -> AsyncIterator[Grant | None]:
+        """Hold off every refresh of `grant`, here and in other processes, while the caller
+        changes it outside a refresh (revokes it); yields the grant as stored once none is
+        in flight, or None when it is gone.
+
+        ConflictError when a refresh elsewhere still holds the grant after `seconds`.
+        """
+        self._held.add(grant.id)
+        deadline = time.monotonic() + seconds
         try:
-            result = await self._rotation.rotate(grant)
+            task = self._inflight.get(grant.id)
+            if task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), seconds)
+            while True:
+                now = self._clock()
+                if await self._repository.take_lease(grant.id, self.owner, now, now + LEASE):
+                    break
+                if time.monotonic() > deadline:
+                    raise ConflictError(f"a refresh of {grant.name} is in flight elsewhere")
+                await asyncio.sleep(EXCLUSIVE_POLL_SECONDS)
+            yield await self._repository.get_by_id(grant.id)
+        finally:
+            self._held.discard(grant.id)
+            await self._release(grant)
+
+    def _may_start(self, cached: Grant | None, seen: int) -> bool:
+        """Whether a refresh asked for at version `seen` may go ahead with what is cached.
+
+        Not when shutting down, deleted, changed since the caller looked (a rotation or a
+        back-off stored meanwhile: the caller decides again on what is there), without a
+        refresh token, or while its provider's gate is closed.
+        """
+        if self._stopping or cached is None or cached.version != seen or cached.id in self._held:
+            return False
+        if cached.tokens.refresh_token is None:
+            return False
+        return not self.gate(cached.provider).closed(time.monotonic())
+
+    async def _claim(self, grant: Grant) -> tuple[Grant, Lease] | None:
+        """Take the lease and record the intent; None when another owner or a newer write is
+        in the way."""
+        taken_at, now = time.monotonic(), self._clock()
+        claimed = await self._repository.claim(grant, self.owner, now, now + LEASE)
+        if claimed is None:
+            return None
+        lease = Lease(self._repository, claimed, self.owner, LEASE, self._clock, taken_at=taken_at)
+        return claimed, lease
+
+    async def _held_by_the_dead(self, grant: Grant) -> bool:
+        """After a lost claim: whether dead processes' leases were in the way (now broken);
+        the row as it stands is published either way."""
+        if not await self._break_dead_leases():
+            return False
+        stored = await self._repository.get_by_id(grant.id)
+        if stored is None:
+            return False
+        self._cache.put(stored)
+        return stored.state is GrantState.ACTIVE
+
+    async def _lost_claim(self, grant_id: str, seen: int) -> Grant | None:
+        """The claim failed: the row changed since, or another owner holds its lease."""
+        try:
+            stored = await self._repository.get_by_id(grant_id)
+        except StoreError:
+            return self._cache.by_id(grant_id)
+        if stored is None:
+            cached = self._cache.by_id(grant_id)
+            if cached is not None:
+                self._cache.drop(cached.provider, cached.user)
+            return None
+        self._cache.put(stored)
+        if stored.version == seen:
+            # Another owner's live lease: it announced nothing visible yet; its write will.
+            log.debug("refresh_held_elsewhere", grant=stored.name)
+        return self._cache.by_id(grant_id)
+
+    async def _run_claimed(self, attempt: Attempt) -> Grant | None:
+        grant = attempt.grant
+        self._sending.add(grant.id)
+        self._cache.put(grant)  # the intent: callers wait for the new token from now on
+        try:
+            result = await self._rotation.rotate(attempt)
         except asyncio.CancelledError:
-            self._rotation.rotating.discard(grant.id)
             await self._release(grant)  # any open intent stays, for recovery
             raise
         except ConflictError as exc:
-            self._rotation.rotating.discard(grant.id)
             # Fenced off (an admin replaced the tokens, or the lease was taken over):
             # whatever the store holds now wins.
             log.warning("refresh_fenced_off", grant=grant.name, reason=str(exc))
             await self._release(grant)
             return await self._reload(grant.id)
-        except Exception:
-            self._rotation.rotating.discard(grant.id)
-            log.exception("refresh_failed_unexpectedly", grant=grant.name)
-            self._cooldown[grant.id] = self._clock() + backoff(
-                grant.refresh_failures + 1, self._policy, self._rand()
-            )
+        except StoreError as exc:
+            # A write before the send failed (the lease could not be renewed): nothing new is
+            # known; the intent stays for whoever claims the grant next.
+            log.warning("refresh_interrupted_by_store", grant=grant.name, reason=str(exc))
+            self._cool_down(grant, exc)
             await self._release(grant)
-            return None
+            return self._cache.by_id(grant.id)
+        except Exception:
+            log.exception("refresh_failed_unexpectedly", grant=grant.name)
+            self._cool_down(grant, None)
+            await self._release(grant)
+            return self._cache.by_id(grant.id)
+        finally:
+            self._sending.discard(grant.id)
         self._cooldown.pop(grant.id, None)
-        self._cache.put(result)  # published only now, after the commit
-        self._rotation.rotating.discard(grant.id)
-        return result
+        self._after(attempt, result)
+        self._cache.put(result.grant)  # published only now, after the commit
+        return self._cache.by_id(grant.id)
 
-    async def _follow(self, grant_id: str) -> Grant | None:
-        """Another owner holds the lease: wait (bounded by the lease) for what it stores.
+    def _after(self, attempt: Attempt, result: Rotated) -> None:
+        """What the rotation's end means for the provider's gate."""
+        provider = attempt.config.name
+        gate = self.gate(provider)
+        if result.client_error is not None:
+            was_paused = gate.paused
+            gate.pause(str(result.client_error), time.monotonic(), self._rand())
+            self._metrics.provider_paused.labels(provider).set(1)
+            if not was_paused:
+                log.error(
+                    "provider_paused",
+                    provider=provider,
+                    reason=str(result.client_error),
+                    detail="the provider refuses this client; grants are kept as they are; "
+                    "fix the client registration or its config and reload",
+                )
+        elif gate.paused or gate.failures:
+            if gate.paused:
+                log.info("provider_resumed", provider=provider, reason="a refresh got through")
+            gate.open()
+            self._metrics.provider_paused.labels(provider).set(0)
 
-        The other owner is another process, so there is nothing to await but the store.
-        """
-        for _ in range(int(LEASE.total_seconds() / FOLLOW_POLL_SECONDS)):
-            if not await self._repository.lease_held(grant_id, self._clock()):
-                break
-            await asyncio.sleep(FOLLOW_POLL_SECONDS)
-        return await self._reload(grant_id)
+    def _provider_unreachable(self, provider: str, exc: IdpError) -> None:
+        gate = self.gate(provider)
+        gate.unreachable(str(exc), time.monotonic(), self._rand())
+        log.warning(
+            "provider_unreachable",
+            provider=provider,
+            reason=str(exc),
+            retry_in_s=round(gate.until - time.monotonic(), 1),
+            detail="nothing was sent; every grant of the provider waits",
+        )
+
+    def _cool_down(self, grant: Grant, exc: Exception | None) -> None:
+        delay = backoff(grant.refresh_failures + 1, self._policy, self._rand())
+        self._cooldown[grant.id] = time.monotonic() + delay.total_seconds()
+        if exc is not None:
+            log.warning("refresh_not_started", grant=grant.name, error=str(exc))
 
     async def _reload(self, grant_id: str) -> Grant | None:
         """The grant as the store holds it now, published."""
-        grant = await self._repository.get_by_id(grant_id)
+        try:
+            grant = await self._repository.get_by_id(grant_id)
+        except StoreError:
+            return self._cache.by_id(grant_id)
         if grant is not None:
             self._cache.put(grant)
-        return grant
+        return self._cache.by_id(grant_id)
 
     async def _release(self, grant: Grant) -> None:
         try:

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import io
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
 from broker.log import configure_logging
+from broker.store.engine import create_engine
+from broker.store.migrate import upgrade
+from broker.store.repository import GrantRepository
+from tests.model_idp import HandClock, ModelIdp
 from tests.postgres import PostgresServer, postgres_server, postgres_url  # noqa: F401
 
 SECRETS: set[str] = set()
@@ -65,6 +70,44 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'broker.db'}"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.new_database()
+
+
+# -- the refresher's world: a migrated SQLite store, a hand clock, the model IdP -----------------
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where the test's SQLite store lives."""
+    return tmp_path / "broker.db"
+
+
+@pytest.fixture
+async def engine(db_path: Path) -> AsyncIterator[AsyncEngine]:
+    """A migrated SQLite store in the test's directory."""
+    engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def repo(engine: AsyncEngine, keyring: Keyring) -> GrantRepository:
+    """The grant repository over the test's store."""
+    return GrantRepository(engine, keyring)
+
+
+@pytest.fixture
+def clock() -> HandClock:
+    """The test's clock, shared by broker and model IdP."""
+    return HandClock()
+
+
+@pytest.fixture
+def idp(clock: HandClock, new_secret: Callable[[str], str]) -> ModelIdp:
+    """A model IdP without grace whose tokens the session's leak scan looks for."""
+    return ModelIdp(clock, mint=new_secret)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -31,14 +31,21 @@ import math
 import secrets
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from broker.cache import GrantCache
 from broker.config import AccessTokenSource, ProviderConfig
-from broker.errors import IdpAmbiguous, IdpError, IdpRejected, IdpUnreachable, IdTokenInvalid
+from broker.errors import (
+    IdpAmbiguous,
+    IdpError,
+    IdpNotProcessed,
+    IdpRejected,
+    IdpUnreachable,
+    IdTokenInvalid,
+)
 from broker.grants import GrantService, Import
 from broker.idp.tokens import TokenResponse
 from broker.metrics import Metrics
@@ -79,7 +86,9 @@ class Fault(enum.StrEnum):
     NONE = "none"
     # Before processing: the request never arrived, nothing rotates.
     UNREACHABLE = "unreachable"  # connection refused: IdpUnreachable
-    RATE_LIMITED = "rate_limited"  # 429 with Retry-After: IdpError
+    RATE_LIMITED = "rate_limited"  # 429 with Retry-After: IdpNotProcessed
+    UNAVAILABLE = "unavailable"  # a load balancer's 503: IdpNotProcessed
+    CLIENT_REJECTED = "client_rejected"  # invalid_client: the registration, not the grant
     TRANSIENT_OAUTH = "transient_oauth"  # a non-terminal OAuth error: IdpRejected
     AMBIGUOUS_BEFORE = "ambiguous_before"  # lost on the way in, but the client cannot know
     REJECTED = "rejected"  # invalid_grant: the refresh token is refused for good
@@ -95,13 +104,17 @@ BEFORE_PROCESSING = frozenset(
     {
         Fault.UNREACHABLE,
         Fault.RATE_LIMITED,
+        Fault.UNAVAILABLE,
+        Fault.CLIENT_REJECTED,
         Fault.TRANSIENT_OAUTH,
         Fault.AMBIGUOUS_BEFORE,
         Fault.REJECTED,
         Fault.KILL_BEFORE,
     }
 )
-TRANSIENT = frozenset({Fault.UNREACHABLE, Fault.RATE_LIMITED, Fault.TRANSIENT_OAUTH})
+TRANSIENT = frozenset(
+    {Fault.UNREACHABLE, Fault.RATE_LIMITED, Fault.UNAVAILABLE, Fault.TRANSIENT_OAUTH}
+)
 
 
 @dataclass
@@ -165,7 +178,15 @@ class ModelIdp:
     # all, every call is refused (invalid_grant) and recorded as a violation.
     call_limit: int | None = None
     sticky: Fault | None = None  # the fault of every call while set
+    # Whether this client may introspect tokens (RFC 7662); `introspections` counts the asks.
+    introspection: bool = False
+    introspections: int = 0
+    introspection_error: IdpError | None = None  # the next introspection fails with it
+    # When set, `prepare` fails with this error (discovery cannot be fetched) and sends nothing.
+    prepare_error: IdpError | None = None
+    prepares: int = 0
     calls: list[Call] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list, repr=False)  # tokens revoked, in order
     violations: list[str] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -216,6 +237,35 @@ class ModelIdp:
 
     # -- TokenClient ---------------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """What discovery would do: nothing, or fail as the test asked, before any send."""
+        self.prepares += 1
+        if self.prepare_error is not None:
+            raise self.prepare_error
+
+    @property
+    def can_introspect(self) -> bool:
+        """Whether the model offers introspection to this client."""
+        return self.introspection
+
+    async def introspect(self, token: Secret, hint: str = "refresh_token") -> bool | None:
+        """Whether a refresh token is still unspent (and its family alive), as RFC 7662 would
+        say; None when introspection is off."""
+        del hint
+        if not self.introspection:
+            return None
+        self.introspections += 1
+        if self.introspection_error is not None:
+            error, self.introspection_error = self.introspection_error, None
+            raise error
+        record = self._refresh.get(token.reveal())
+        return (
+            record is not None
+            and not record.family.revoked
+            and not record.refused
+            and record.spent_at is None
+        )
+
     async def refresh(self, refresh_token: Secret) -> TokenResponse:
         """Spend a refresh token (see the module docstring)."""
         if self.call_limit is not None and len(self.calls) >= self.call_limit:
@@ -253,6 +303,17 @@ class ModelIdp:
         if claims["iat"] > now.timestamp():
             raise IdTokenInvalid("the ID token was issued in the future")
         return dict(claims)
+
+    async def revoke_grant(self, refresh_token: Secret | None, access_token: Secret | None) -> bool:
+        """Revoke a grant (RFC 7009): its refresh token's whole family, as DOT does."""
+        token = refresh_token or access_token
+        if token is None:
+            return False
+        self.revoked.append(token.reveal())
+        record = self._refresh.get(token.reveal())
+        if record is not None:
+            record.family.revoked = True
+        return True
 
     # -- the token endpoint --------------------------------------------------------------------
 
@@ -345,18 +406,27 @@ def _plain(token: Secret | str) -> str:
 
 def _before(fault: Fault) -> BaseException:
     """The error a fault raises when the request is never processed."""
-    if fault is Fault.UNREACHABLE:
-        return IdpUnreachable("could not connect to the token endpoint (connection refused)")
-    if fault is Fault.RATE_LIMITED:
-        return IdpError("the token endpoint answered 429", retry_after=RETRY_AFTER)
-    if fault is Fault.TRANSIENT_OAUTH:
-        return IdpRejected("temporarily_unavailable", "try again later", 400)
-    if fault is Fault.AMBIGUOUS_BEFORE:
-        return IdpAmbiguous("the connection was reset after the request was sent")
-    if fault is Fault.REJECTED:
-        return IdpRejected("invalid_grant", "the refresh token has expired", 400)
-    assert fault is Fault.KILL_BEFORE
-    return Killed()
+    errors: dict[Fault, Callable[[], BaseException]] = {
+        Fault.UNREACHABLE: lambda: IdpUnreachable(
+            "could not connect to the token endpoint (connection refused)"
+        ),
+        Fault.RATE_LIMITED: lambda: IdpNotProcessed(
+            "the token endpoint answered 429", retry_after=RETRY_AFTER
+        ),
+        Fault.UNAVAILABLE: lambda: IdpNotProcessed(
+            "the token endpoint answered 503", retry_after=RETRY_AFTER
+        ),
+        Fault.CLIENT_REJECTED: lambda: IdpRejected(
+            "invalid_client", "client authentication failed", 401
+        ),
+        Fault.TRANSIENT_OAUTH: lambda: IdpRejected("temporarily_unavailable", "try later", 400),
+        Fault.AMBIGUOUS_BEFORE: lambda: IdpAmbiguous(
+            "the connection was reset after the request was sent"
+        ),
+        Fault.REJECTED: lambda: IdpRejected("invalid_grant", "the refresh token has expired", 400),
+        Fault.KILL_BEFORE: Killed,
+    }
+    return errors[fault]()
 
 
 def _without(
@@ -445,9 +515,12 @@ class Incarnation:
         policy: RefreshPolicy | None = None,
         max_concurrency: int = 8,
         rand: Callable[[], float] = lambda: 0.5,
+        providers: Mapping[str, ProviderConfig] | None = None,
     ) -> Incarnation:
-        """Compose the pieces as broker.daemon does."""
-        providers = {PROVIDER: provider_config(grace, rotates=rotates)}
+        """Compose the pieces as broker.daemon does (with the daemon's live map of providers,
+        which a reload replaces, when given)."""
+        if providers is None:
+            providers = {PROVIDER: provider_config(grace, rotates=rotates)}
         policy = policy or RefreshPolicy()
         metrics = Metrics(providers)
         cache = GrantCache()
@@ -466,6 +539,7 @@ class Incarnation:
         service = GrantService(
             repository,
             providers,
+            {PROVIDER: idp},
             cache=cache,
             refresher=refresher,
             policy=policy,

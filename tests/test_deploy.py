@@ -47,6 +47,9 @@ CONTRACT_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_access_token_min_ttl_seconds": ("gauge", frozenset({"provider"})),
     "token_broker_rotation_recoveries_total": ("counter", frozenset({"provider", "outcome"})),
     "token_broker_build_info": ("gauge", frozenset({"version"})),
+    "token_broker_provider_paused": ("gauge", frozenset({"provider"})),
+    "token_broker_store_commit_retries_total": ("counter", frozenset()),
+    "token_broker_lease_takeovers_total": ("counter", frozenset({"provider"})),
 }
 # Labels whose values come from a fixed set in the code; provider values are the operator's.
 CLOSED_LABELS = ("outcome", "state")
@@ -348,7 +351,7 @@ def test_label_check_rejects_a_value_the_code_never_produces(exported: Expositio
 def test_code_labels_outcomes_from_the_exported_sets(exported: Exposition) -> None:
     """The outcomes the refresher, the API and the rotation recovery count are the exported ones."""
     outcomes = exported["token_broker_refresh_total"]["outcome"]
-    assert {outcome.value for outcome in Outcome} == outcomes
+    assert {outcome.metric_label for outcome in Outcome} == outcomes
     served = {"served", *PROBLEM_OUTCOMES.values()}
     assert served == exported["token_broker_token_requests_total"]["outcome"]
     assert set(RECOVERY_OUTCOMES) == exported["token_broker_rotation_recoveries_total"]["outcome"]

@@ -7,6 +7,7 @@ calls it made.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -29,8 +30,16 @@ from multidict import CIMultiDict
 
 import broker.idp.client as client_module
 from broker.config import ProviderConfig, parse_config
-from broker.errors import IdpAmbiguous, IdpError, IdTokenInvalid, StartupError
+from broker.errors import (
+    IdpAmbiguous,
+    IdpError,
+    IdpNotProcessed,
+    IdpUnreachable,
+    IdTokenInvalid,
+    StartupError,
+)
 from broker.idp.client import (
+    DISCOVERY_RETRY_SECONDS,
     JWKS_REFETCH_INTERVAL,
     METADATA_TTL_SECONDS,
     Pkce,
@@ -176,6 +185,7 @@ async def test_refresh_sends_grant_type_and_token_but_never_scope(
     refresh, rotated = new_secret("rt"), new_secret("rt")
     idp.answer("/o/token/", {"access_token": "at-2", "refresh_token": rotated, "expires_in": 60})
     client = oidc_client(idp, session, tmp_path)
+    await client.prepare()
     tokens = await client.refresh(Secret(refresh))
     sent = idp.last("/o/token/")
     assert sent.method == "POST"
@@ -213,8 +223,10 @@ async def test_token_call_errors_keep_their_classification(
     idp.serve_oidc()
     idp.answer("/o/token/", b"<html>Bad Gateway</html>", status=502)
     refresh = new_secret("rt")
+    client = oidc_client(idp, session, tmp_path)
+    await client.prepare()
     with pytest.raises(IdpAmbiguous) as info:
-        await oidc_client(idp, session, tmp_path).refresh(Secret(refresh))
+        await client.refresh(Secret(refresh))
     assert refresh not in str(info.value)
 
 
@@ -240,6 +252,7 @@ async def test_client_authentication_methods(
         assert secret == Secret(client_secret)  # the trailing newline is stripped
     client = oidc_client(idp, session, tmp_path, secret=secret, **table)
     refresh = new_secret("rt")
+    await client.prepare()
     await client.refresh(Secret(refresh))
     sent = idp.last("/o/token/")
     assert sent.form["refresh_token"] == refresh
@@ -274,8 +287,12 @@ def test_read_client_secret_refuses_a_missing_or_empty_file(tmp_path: Path) -> N
 async def test_issuer_with_a_path_reads_discovery_under_that_path(
     idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """Issuer http://host/o is discovered at /o/.well-known/openid-configuration."""
-    document = idp.serve_oidc()
+    """Issuer http://host/o is discovered at /o/.well-known/openid-configuration, and only
+    there when that document names every endpoint."""
+    document = idp.serve_oidc(
+        introspection_endpoint=idp.url("/o/introspect/"),
+        device_authorization_endpoint=idp.url("/o/device-authorization/"),
+    )
     metadata = await oidc_client(idp, session, tmp_path).metadata()
     assert idp.hits("/o/.well-known/openid-configuration") == 1
     assert metadata.issuer == idp.url("/o")
@@ -366,6 +383,7 @@ async def test_explicit_config_endpoints_override_discovery(
     assert metadata.revocation_endpoint == idp.url("/custom/revoke")
     assert metadata.jwks_uri == idp.url("/custom/jwks")
     assert metadata.authorization_endpoint == idp.url("/o/authorize/")
+    await client.prepare()
     await client.refresh(Secret("rt-x"))
     assert idp.hits("/custom/token") == 1
     assert idp.hits("/o/token/") == 0
@@ -437,10 +455,133 @@ async def test_metadata_is_cached_until_its_ttl(
     first = await client.metadata()
     clock.now += METADATA_TTL_SECONDS - 1
     assert await client.metadata() is first
-    assert len(idp.seen) == 1
+    assert idp.hits("/o/.well-known/openid-configuration") == 1
     clock.now += 2
     await client.metadata()
     assert idp.hits("/o/.well-known/openid-configuration") == 2
+
+
+@pytest.mark.parametrize("oauth_status", [200, 404, 500])
+async def test_optional_endpoints_come_from_oauth_metadata_when_it_can_be_read(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, oauth_status: int
+) -> None:
+    """An OpenID document without introspection or device endpoints is completed from the
+    RFC 8414 document; one that cannot be read leaves them unset and discovery still works."""
+    idp.serve_oidc()
+    oauth = {"issuer": idp.url("/o"), "introspection_endpoint": idp.url("/o/introspect/")}
+    idp.answer("/.well-known/oauth-authorization-server/o", oauth, status=oauth_status)
+    metadata = await oidc_client(idp, session, tmp_path).metadata()
+    assert metadata.token_endpoint == idp.url("/o/token/")
+    expected = idp.url("/o/introspect/") if oauth_status == 200 else None
+    assert metadata.introspection_endpoint == expected
+
+
+async def test_a_refresh_without_prepared_metadata_sends_nothing(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, new_secret: NewSecret
+) -> None:
+    """A refresh never fetches discovery itself (that happens in prepare, before the intent):
+    without prepared metadata it is refused as never sent, and nothing reaches the IdP."""
+    idp.serve_oidc()
+    with pytest.raises(IdpUnreachable, match="discovery has not succeeded"):
+        await oidc_client(idp, session, tmp_path).refresh(Secret(new_secret("rt")))
+    assert idp.seen == []
+
+
+async def test_a_failed_refetch_keeps_the_metadata_already_held(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, clock: FakeMonotonic
+) -> None:
+    """Discovery that fails after its TTL does not take away the endpoints already known; it is
+    tried again only after DISCOVERY_RETRY_SECONDS."""
+    idp.serve_oidc()
+    client = oidc_client(idp, session, tmp_path)
+    first = await client.metadata()
+    clock.now += METADATA_TTL_SECONDS + 1
+    idp.answer("/o/.well-known/openid-configuration", b"down", status=502)
+    assert await client.metadata() is first
+    assert await client.metadata() is first
+    assert idp.hits("/o/.well-known/openid-configuration") == 2
+    clock.now += DISCOVERY_RETRY_SECONDS + 1
+    idp.serve_oidc()
+    await client.prepare()
+    assert idp.hits("/o/.well-known/openid-configuration") == 3
+
+
+async def test_a_failed_first_discovery_is_not_repeated_by_every_caller(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, clock: FakeMonotonic
+) -> None:
+    """Fifty refreshes queued behind a discovery that fails all get its failure; one request
+    was made, not fifty, until DISCOVERY_RETRY_SECONDS have passed."""
+    idp.answer("/o/.well-known/openid-configuration", b"down", status=503)
+    client = oidc_client(idp, session, tmp_path)
+    outcomes = await asyncio.gather(*(client.prepare() for _ in range(50)), return_exceptions=True)
+    assert all(isinstance(outcome, IdpError) for outcome in outcomes)
+    assert idp.hits("/o/.well-known/openid-configuration") == 1
+    clock.now += DISCOVERY_RETRY_SECONDS + 1
+    with pytest.raises(IdpError):
+        await client.prepare()
+    assert idp.hits("/o/.well-known/openid-configuration") == 2
+
+
+async def test_prepare_fetches_the_keys_only_where_the_access_token_comes_from_an_id_token(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """An ID-token-claim provider needs its keys to use a refresh's answer, so they are fetched
+    before the token leaves; a plain one needs none."""
+    idp.serve_oidc()
+    await oidc_client(idp, session, tmp_path).prepare()
+    assert idp.hits(JWKS_PATH) == 0
+    claim = oidc_client(idp, session, tmp_path, access_token_from="id_token_claim:pm")
+    await claim.prepare()
+    await claim.prepare()
+    assert idp.hits(JWKS_PATH) == 1
+
+
+INTROSPECTION_ANSWERS: dict[str, tuple[int, object, bool | type[IdpError] | None]] = {
+    "active": (200, {"active": True, "client_id": CLIENT_ID}, True),
+    "active-without-client-id": (200, {"active": True}, True),
+    "inactive": (200, {"active": False}, False),
+    "active-for-another-client": (200, {"active": True, "client_id": "someone-else"}, False),
+    "client-refused": (401, {"error": "invalid_client"}, None),
+    "forbidden": (403, b"<html>no</html>", None),
+    "unavailable": (503, b"busy", IdpNotProcessed),
+    "gateway-error": (502, b"bad gateway", IdpAmbiguous),
+    "not-an-answer": (200, {"status": "ok"}, IdpNotProcessed),
+}
+
+
+@pytest.mark.parametrize("case", INTROSPECTION_ANSWERS)
+async def test_introspection_answers_whether_the_provider_holds_a_token_active(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, new_secret: NewSecret, case: str
+) -> None:
+    """RFC 7662: active, inactive, or (None) this client may not ask; a failure to answer is an
+    IdpError, which decides nothing. The token is posted with its hint, never in the URL."""
+    status, body, expected = INTROSPECTION_ANSWERS[case]
+    idp.serve_oidc(introspection_endpoint=idp.url("/o/introspect/"))
+    idp.answer("/o/introspect/", body, status=status)
+    client = oidc_client(idp, session, tmp_path)
+    await client.prepare()
+    assert client.can_introspect
+    token = new_secret("rt")
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            await client.introspect(Secret(token))
+    else:
+        assert await client.introspect(Secret(token)) is expected
+    sent = idp.last("/o/introspect/")
+    assert sent.form["token"] == token
+    assert sent.form["token_type_hint"] == "refresh_token"
+
+
+async def test_without_an_introspection_endpoint_there_is_nothing_to_ask(
+    idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path, new_secret: NewSecret
+) -> None:
+    """A provider that names no introspection endpoint cannot be asked: None, no request."""
+    idp.serve_oidc()
+    client = oidc_client(idp, session, tmp_path)
+    await client.prepare()
+    assert not client.can_introspect
+    assert await client.introspect(Secret(new_secret("rt"))) is None
+    assert idp.hits("/o/introspect/") == 0
 
 
 UNUSABLE_DISCOVERY = {

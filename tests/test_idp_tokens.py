@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from broker.errors import IdpAmbiguous, IdpError, IdpRejected
+from broker.errors import IdpAmbiguous, IdpError, IdpNotProcessed, IdpRejected
 from broker.idp.http import HttpResponse, send
 from broker.idp.tokens import MAX_DESCRIPTION, MAX_LIFETIME, TokenResponse, parse_token_response
 from broker.model import Secret
@@ -183,28 +183,30 @@ async def test_malformed_200_is_ambiguous(respond: Respond, case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "code", "terminal"),
+    ("status", "code", "terminal", "client_error"),
     [
-        (400, "invalid_grant", True),
-        (400, "invalid_client", True),
-        (401, "invalid_client", True),
-        (400, "unauthorized_client", True),
-        (400, "invalid_request", False),
-        (400, "invalid_scope", False),
-        (400, "unsupported_grant_type", False),
-        (401, "invalid_token", False),
+        (400, "invalid_grant", True, False),
+        (400, "invalid_client", False, True),
+        (401, "invalid_client", False, True),
+        (400, "unauthorized_client", False, True),
+        (400, "invalid_request", False, False),
+        (400, "invalid_scope", False, False),
+        (400, "unsupported_grant_type", False, False),
+        (401, "invalid_token", False, False),
     ],
 )
-async def test_oauth_errors_are_rejections_and_only_three_are_terminal(
-    respond: Respond, status: int, code: str, terminal: bool
+async def test_oauth_errors_are_rejections_and_only_invalid_grant_is_terminal(
+    respond: Respond, status: int, code: str, terminal: bool, client_error: bool
 ) -> None:
-    """Only invalid_grant, invalid_client and unauthorized_client end a grant (invariant 5)."""
+    """Only invalid_grant ends a grant; invalid_client and unauthorized_client are about the
+    client's registration, not the user (invariant 5)."""
     exc = await error(respond, status, {"error": code, "error_description": "nope"})
     assert isinstance(exc, IdpRejected)
     assert exc.error == code
     assert exc.status == status
     assert exc.description == "nope"
     assert exc.terminal is terminal
+    assert exc.client_error is client_error
     assert exc.outcome == ("invalid_grant" if terminal else "transient_error")
     assert code in str(exc)
 
@@ -217,10 +219,10 @@ async def test_rejection_keeps_retry_after(respond: Respond) -> None:
     assert exc.description is None
 
 
-async def test_429_with_retry_after_is_a_transient_error(respond: Respond) -> None:
-    """Rate limiting backs off by the IdP's Retry-After and ends nothing."""
+async def test_429_with_retry_after_is_not_processed(respond: Respond) -> None:
+    """Rate limiting says the provider did not act: back off by its Retry-After, end nothing."""
     exc = await error(respond, 429, {"error": "slow_down"}, headers={"Retry-After": "30"})
-    assert type(exc) is IdpError
+    assert type(exc) is IdpNotProcessed
     assert exc.outcome == "transient_error"
     assert exc.retry_after == 30.0
 
@@ -229,12 +231,12 @@ async def test_retry_after_as_a_date_is_ignored(respond: Respond) -> None:
     """Retry-After in HTTP-date form is not read as seconds (the caller's own back-off applies)."""
     headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
     exc = await error(respond, 429, "", content_type="text/plain", headers=headers)
-    assert type(exc) is IdpError
+    assert type(exc) is IdpNotProcessed
     assert exc.retry_after is None
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
-async def test_5xx_is_ambiguous(respond: Respond, status: int) -> None:
+@pytest.mark.parametrize("status", [500, 501, 502, 504, 599])
+async def test_5xx_other_than_503_is_ambiguous(respond: Respond, status: int) -> None:
     """A server or gateway error may come after the IdP processed the refresh."""
     exc = await error(respond, status, "<html>Bad Gateway</html>", content_type="text/html")
     assert type(exc) is IdpAmbiguous
@@ -242,13 +244,14 @@ async def test_5xx_is_ambiguous(respond: Respond, status: int) -> None:
     assert str(status) in str(exc)
 
 
-async def test_503_keeps_retry_after(respond: Respond) -> None:
-    """A 503 with Retry-After is ambiguous and says when to come back."""
+async def test_503_is_not_processed_and_keeps_retry_after(respond: Respond) -> None:
+    """A 503 says the provider (or its load balancer) did not act, and when to come back."""
     exc = await error(
         respond, 503, {"error": "temporarily_unavailable"}, headers={"Retry-After": "5"}
     )
-    assert type(exc) is IdpAmbiguous
+    assert type(exc) is IdpNotProcessed
     assert exc.retry_after == 5.0
+    assert "did not act" in str(exc)
 
 
 @pytest.mark.parametrize(
@@ -261,12 +264,13 @@ async def test_503_keeps_retry_after(respond: Respond) -> None:
         (302, "", "text/plain", "text/plain"),
     ],
 )
-async def test_other_failures_are_transient_errors(
+async def test_other_refusals_are_not_processed(
     respond: Respond, status: int, body: object, content_type: str, shape: str
 ) -> None:
-    """A failure with no usable OAuth error (an HTML 400, a WAF 403) is transient, not terminal."""
+    """A refusal with no usable OAuth error (an HTML 400, a WAF 403, a redirect) means the
+    provider did not act: transient, not terminal, and the token is unspent."""
     exc = await error(respond, status, body, content_type=content_type)
-    assert type(exc) is IdpError
+    assert type(exc) is IdpNotProcessed
     assert exc.outcome == "transient_error"
     assert f"answered {status} with {shape}" in str(exc)
 

@@ -25,8 +25,8 @@ from broker.model import Grant, GrantState, GrantSummary, Secret, TokenSet
 from broker.refresher import LEASE
 from broker.schedule import ROTATION_LOST, RefreshPolicy, backoff
 from broker.store.engine import create_engine
-from broker.store.migrate import upgrade
 from broker.store.repository import DueGrant, GrantRepository
+from broker.tasks import Tasks
 from tests.model_idp import (
     ACCESS_LIFETIME,
     PROVIDER,
@@ -46,41 +46,6 @@ DUE = 430
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    """Where the test's SQLite store lives."""
-    return tmp_path / "broker.db"
-
-
-@pytest.fixture
-async def engine(db_path: Path) -> AsyncIterator[AsyncEngine]:
-    """A migrated SQLite store."""
-    engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
-def repo(engine: AsyncEngine, keyring: Keyring) -> GrantRepository:
-    """The grant repository over the test's store."""
-    return GrantRepository(engine, keyring)
-
-
-@pytest.fixture
-def clock() -> HandClock:
-    """The test's clock, shared by broker and model IdP."""
-    return HandClock()
-
-
-@pytest.fixture
-def idp(clock: HandClock, new_secret: Callable[[str], str]) -> ModelIdp:
-    """A model IdP without grace whose tokens the session's leak scan looks for."""
-    return ModelIdp(clock, mint=new_secret)
 
 
 def broker(
@@ -204,9 +169,13 @@ async def test_two_owners_racing_on_one_grant_make_one_idp_call(
     a, b = pair
     clock.advance(DUE)
     idp.gate = asyncio.Event()
-    tasks = [a.refresher.refresh(a.cached("alice")), b.refresher.refresh(b.cached("alice"))]
+    spawner = Tasks()
+    tasks = [
+        spawner.spawn(a.refresher.wait(a.cached("alice"), 5), "refresh on a"),
+        spawner.spawn(b.refresher.wait(b.cached("alice"), 5), "refresh on b"),
+    ]
     await until(lambda: idp.in_flight == 1)
-    await asyncio.sleep(0.1)  # the loser has claimed, failed, and is following the winner
+    await asyncio.sleep(0.1)  # the loser has claimed, failed, and is waiting for the winner
     assert idp.in_flight == 1
     idp.gate.set()
     refreshed = await asyncio.gather(*tasks)
@@ -263,23 +232,20 @@ async def test_an_owner_arriving_just_after_the_winner_commits_does_not_refresh_
 async def test_a_live_lease_of_another_owner_blocks_the_refresh(
     repo: GrantRepository, idp: ModelIdp, clock: HandClock, owner: str
 ) -> None:
-    """A lease held by a live owner is neither broken nor overridden until it expires (1)."""
+    """A lease held by a live owner is neither broken nor overridden until it expires, and a
+    refresh asked for meanwhile sends nothing and holds no slot (1)."""
     b = broker(repo, idp, clock)
     grant = await b.login(idp, "alice", clock())
     clock.advance(DUE)
-    assert await repo.claim(grant.id, owner, clock(), clock() + LEASE) is not None
+    assert await repo.take_lease(grant.id, owner, clock(), clock() + LEASE)
     await b.refresher.recover()
     assert await repo.lease_owners() == {owner}
     assert await repo.due(clock(), 10, [PROVIDER]) == []
-    following = b.refresher.refresh(grant)  # waits for what the lease holder stores
-    await asyncio.sleep(0.2)
-    assert not following.done()
+    held = await asyncio.wait_for(b.refresher.refresh(grant), 5)
+    assert held is not None
+    assert held.generation == grant.generation
     assert idp.calls == []
     clock.advance(LEASE + timedelta(seconds=1))  # the owner never came back: its lease lapses
-    followed = await asyncio.wait_for(following, 5)
-    assert followed is not None
-    assert followed.generation == grant.generation
-    assert idp.calls == []
     refreshed = await b.refresher.refresh(grant)
     assert refreshed is not None
     assert refreshed.generation == grant.generation + 1
@@ -294,7 +260,7 @@ async def test_recover_breaks_the_lease_of_a_dead_process_on_this_host(
     grant = await b.login(idp, "alice", clock())
     clock.advance(DUE)
     dead = dead_owner()
-    assert await repo.claim(grant.id, dead, clock(), clock() + LEASE) is not None
+    assert await repo.take_lease(grant.id, dead, clock(), clock() + LEASE)
     assert await b.refresher.recover() == 0  # no intent: nothing to finish
     assert await repo.lease_owners() == set()
     refreshed = await b.refresher.refresh(grant)
@@ -312,9 +278,8 @@ async def test_due_lists_grants_with_an_open_intent_once_their_lease_is_gone(
     assert grant.next_refresh_at > clock()
     assert await repo.due(clock(), 10, [PROVIDER]) == []
     dead = dead_owner()
-    claimed = await repo.claim(grant.id, dead, clock(), clock() + LEASE)
+    claimed = await repo.claim(grant, dead, clock(), clock() + LEASE)
     assert claimed is not None
-    await repo.mark_sent(grant.id, claimed.generation, dead, clock())
     assert await repo.due(clock(), 10, [PROVIDER]) == []  # the lease still looks live
     expired = clock() + LEASE + timedelta(seconds=1)
     assert await repo.due(expired, 10, [PROVIDER]) == [
@@ -412,11 +377,11 @@ class SlowIntentRepository(GrantRepository):
         super().__init__(engine, keyring)
         self.clock = clock
 
-    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> int:
-        """Write the intent; the commit takes 20 s."""
-        version = await super().mark_sent(grant_id, generation, owner, now)
+    async def claim(self, grant: Grant, owner: str, now: datetime, until: datetime) -> Grant | None:
+        """Write the lease and the intent; the commit takes 20 s."""
+        claimed = await super().claim(grant, owner, now, until)
         self.clock.advance(20)
-        return version
+        return claimed
 
 
 async def test_grace_is_counted_from_the_send_not_from_a_slow_intent_write(
@@ -847,7 +812,7 @@ async def test_the_schedule_loop_refreshes_a_grant_when_it_comes_due(
 
         await until(committed)
         assert b.cached("alice").generation == grant.generation + 1
-        assert b.refresher.stalled(clock()) is None
+        assert b.refresher.stalled() is None
     finally:
         await b.refresher.stop()
     assert results(idp) == ["rotated"]

@@ -90,7 +90,7 @@ Scenario = Fault | Literal["hanging"]
 # Where a broker may be killed: at the IdP call, before the request left or after the IdP
 # rotated; or just after a store write: holding the lease with no intent yet, with the intent
 # durable but nothing sent, or committed but not yet published.
-KillPoint = Fault | Literal["after_claim", "after_mark_sent", "after_commit"]
+KillPoint = Fault | Literal["after_claim", "after_commit"]
 UNKNOWN_OUTCOME = frozenset(
     {Fault.AMBIGUOUS_BEFORE, Fault.AMBIGUOUS_AFTER, Fault.KILL_BEFORE, Fault.KILL_AFTER}
 )
@@ -124,25 +124,18 @@ class KillableRepository(GrantRepository):
             self.kill_at = None
             raise Killed
 
-    async def claim(
-        self, grant_id: str, owner: str, now: datetime, until: datetime
-    ) -> Grant | None:
-        """Claim, then perhaps die holding the lease."""
-        grant = await super().claim(grant_id, owner, now, until)
-        self._maybe_die("after_claim")
-        return grant
-
-    async def mark_sent(self, grant_id: str, generation: int, owner: str, now: datetime) -> int:
-        """Write the intent, then perhaps die before sending."""
-        version = await super().mark_sent(grant_id, generation, owner, now)
-        self._maybe_die("after_mark_sent")
-        return version
+    async def claim(self, grant: Grant, owner: str, now: datetime, until: datetime) -> Grant | None:
+        """Claim (lease and intent), then perhaps die before sending."""
+        claimed = await super().claim(grant, owner, now, until)
+        if claimed is not None:
+            self._maybe_die("after_claim")
+        return claimed
 
     async def commit_refresh(
-        self, grant: Grant, expected_generation: int, owner: str, now: datetime
+        self, grant: Grant, expected_generation: int, write_id: str, now: datetime
     ) -> Grant:
         """Commit, then perhaps die before publishing."""
-        committed = await super().commit_refresh(grant, expected_generation, owner, now)
+        committed = await super().commit_refresh(grant, expected_generation, write_id, now)
         self._maybe_die("after_commit")
         return committed
 
@@ -359,7 +352,7 @@ class RotationMachine(RuleBasedStateMachine):
         self._crash(user, point)
 
     @precondition(lambda self: self.alive)
-    @rule(user=users, point=st.sampled_from(["after_claim", "after_mark_sent", "after_commit"]))
+    @rule(user=users, point=st.sampled_from(["after_claim", "after_commit"]))
     def crash_in_the_store(self, user: str, point: KillPoint) -> None:
         """The broker is killed just after one of its store writes."""
         self._crash(user, point)
@@ -376,7 +369,7 @@ class RotationMachine(RuleBasedStateMachine):
             self.run(_refreshed(self.broker, self.broker.cached(user)))
         except Killed:
             self.kills += 1
-            if point == "after_mark_sent":
+            if point == "after_claim":
                 self.unknown_since.setdefault(user, self.clock())
         # Killed or not (an inactive grant is never sent), the process is gone now.
         self.alive = False

@@ -12,11 +12,13 @@ from broker.schedule import (
     BACKOFF_CAP,
     RETRY_AFTER_CAP,
     Decision,
+    Failure,
     Outcome,
     RefreshPolicy,
     backoff,
     decide,
     due_at,
+    failure_class,
     needs_refresh,
     replay_delay,
 )
@@ -209,6 +211,7 @@ def test_backoff_properties(failures: int, rand: float, retry_after: float | Non
     [
         (Outcome.SUCCESS, Decision.COMMIT),
         (Outcome.TERMINAL, Decision.REAUTH),
+        (Outcome.CLIENT_ERROR, Decision.PAUSE),
         (Outcome.TRANSIENT, Decision.BACKOFF),
     ],
 )
@@ -217,10 +220,17 @@ def test_backoff_properties(failures: int, rand: float, retry_after: float | Non
 def test_known_outcomes_decide_regardless_of_time_and_grace(
     outcome: Outcome, decision: Decision, grace: int, elapsed: int
 ) -> None:
-    """Success commits, terminal needs a login, transient backs off: grace plays no part."""
-    assert decide(outcome, now=T0 + seconds(elapsed), first_sent_at=T0, grace=seconds(grace)) is (
-        decision
-    )
+    """Success commits, terminal needs a login, a client error pauses the provider, transient
+    backs off: grace and introspection play no part."""
+    for can_introspect in (False, True):
+        got = decide(
+            outcome,
+            now=T0 + seconds(elapsed),
+            first_sent_at=T0,
+            grace=seconds(grace),
+            can_introspect=can_introspect,
+        )
+        assert got is decision
 
 
 @pytest.mark.parametrize(
@@ -262,6 +272,75 @@ def test_ambiguous_decision_property(first: datetime, offset: timedelta, grace: 
     got = decide(Outcome.AMBIGUOUS, now=first + offset, first_sent_at=first, grace=grace)
     expected = grace > timedelta(0) and offset < grace
     assert got is (Decision.REPLAY if expected else Decision.LOST)
+
+
+@pytest.mark.parametrize(("grace", "elapsed"), [(0, 0), (30, 30), (30, 3600)])
+def test_ambiguous_outside_grace_introspects_where_the_provider_allows(
+    grace: int, elapsed: int
+) -> None:
+    """Outside grace, a provider that lets this client introspect is asked before giving up."""
+    got = decide(
+        Outcome.AMBIGUOUS,
+        now=T0 + seconds(elapsed),
+        first_sent_at=T0,
+        grace=seconds(grace),
+        can_introspect=True,
+    )
+    assert got is Decision.INTROSPECT
+
+
+def test_ambiguous_inside_grace_replays_rather_than_introspects() -> None:
+    """Inside grace the replay recovers the pair itself: no need to ask."""
+    got = decide(
+        Outcome.AMBIGUOUS,
+        now=T0 + seconds(1),
+        first_sent_at=T0,
+        grace=seconds(30),
+        can_introspect=True,
+    )
+    assert got is Decision.REPLAY
+
+
+def test_client_errors_count_as_transient_errors_in_the_metric() -> None:
+    """A client error is nothing final about the grant: refresh_total counts it as transient."""
+    assert Outcome.CLIENT_ERROR.metric_label == "transient_error"
+    assert [o.metric_label for o in Outcome if o is not Outcome.CLIENT_ERROR] == [
+        "success",
+        "invalid_grant",
+        "transient_error",
+        "ambiguous",
+    ]
+
+
+# -- failure_class -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "failure"),
+    [
+        (False, None, Failure.NEVER_SENT),  # refused, DNS, TLS, discovery before the intent
+        (False, 503, Failure.NEVER_SENT),  # whatever answered, it was not the token request
+        (True, None, Failure.AMBIGUOUS),  # read timeout, reset after send, a killed process
+        (True, 429, Failure.NOT_PROCESSED),
+        (True, 503, Failure.NOT_PROCESSED),
+        (True, 400, Failure.NOT_PROCESSED),
+        (True, 401, Failure.NOT_PROCESSED),
+        (True, 403, Failure.NOT_PROCESSED),
+        (True, 404, Failure.NOT_PROCESSED),
+        (True, 302, Failure.NOT_PROCESSED),
+        (True, 500, Failure.AMBIGUOUS),
+        (True, 502, Failure.AMBIGUOUS),
+        (True, 504, Failure.AMBIGUOUS),
+        (True, 599, Failure.AMBIGUOUS),
+        (True, 200, Failure.AMBIGUOUS),  # a success whose body cannot be used
+    ],
+)
+def test_failure_class_follows_rotation_invariant_4(
+    sent: bool, status: int | None, failure: Failure
+) -> None:
+    """Never sent, not processed (429, 503, 4xx) and ambiguous (no answer, 500, 502, 504, an
+    unusable 200) are told apart by whether the request left and how it was answered."""
+    assert failure_class(sent=sent, status=status) is failure
 
 
 # -- replay_delay ------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import structlog
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from broker.config import ProviderConfig
-from broker.errors import IdpError, IdTokenInvalid, StartupError
+from broker.errors import IdpError, IdpNotProcessed, IdpUnreachable, IdTokenInvalid, StartupError
 from broker.idp.http import send
 from broker.idp.idtoken import unverified_kid, validate_id_token
 from broker.idp.metadata import ProviderMetadata, discover
@@ -28,6 +29,10 @@ from broker.model import Secret
 
 METADATA_TTL_SECONDS = 3600.0
 JWKS_REFETCH_INTERVAL = 30.0  # an unknown kid refetches at most this often
+# After a failed discovery fetch, callers queued behind it (and those arriving soon after) get
+# the same failure instead of each trying again: one attempt per interval, not one per grant.
+DISCOVERY_RETRY_SECONDS = 5.0
+log = structlog.get_logger("broker.idp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class ProviderClient:
         self._secret = client_secret
         self._metadata: ProviderMetadata | None = None
         self._metadata_at = 0.0
+        self._metadata_failure: tuple[float, IdpError] | None = None
         self._metadata_lock = asyncio.Lock()
         self._keys: KeySet | None = None
         self._keys_at = 0.0
@@ -84,13 +90,96 @@ class ProviderClient:
         return self.config.name
 
     async def metadata(self) -> ProviderMetadata:
-        """Endpoints from discovery and the config, cached for an hour."""
+        """Endpoints from discovery and the config, cached for an hour.
+
+        A refetch that fails keeps the metadata already held (and tries again after
+        DISCOVERY_RETRY_SECONDS); with none held, the failure is raised, and repeated to every
+        caller for DISCOVERY_RETRY_SECONDS rather than fetched again by each.
+        """
         async with self._metadata_lock:
-            fresh = time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS
-            if self._metadata is None or not fresh:
+            now = time.monotonic()
+            if self._metadata is not None and now - self._metadata_at < METADATA_TTL_SECONDS:
+                return self._metadata
+            if self._metadata_failure is not None:
+                failed_at, error = self._metadata_failure
+                if now - failed_at < DISCOVERY_RETRY_SECONDS:
+                    if self._metadata is not None:
+                        return self._metadata
+                    raise error
+            try:
                 self._metadata = await discover(self._session, self.config)
-                self._metadata_at = time.monotonic()
+            except IdpError as exc:
+                self._metadata_failure = (time.monotonic(), exc)
+                if self._metadata is None:
+                    raise
+                log.warning(
+                    "discovery_refetch_failed",
+                    provider=self.name,
+                    reason=str(exc),
+                    detail="keeping the metadata already held",
+                )
+                return self._metadata
+            self._metadata_at = time.monotonic()
+            self._metadata_failure = None
             return self._metadata
+
+    @property
+    def needs_keys_to_refresh(self) -> bool:
+        """Whether a refresh response's ID token is checked: the provider speaks OpenID Connect
+        (and for some, the served access token is a claim of that ID token)."""
+        return self.wants_id_token or self.config.access_token_from.claim is not None
+
+    async def prepare(self) -> None:
+        """Resolve everything a refresh needs that can fail without spending its token.
+
+        Called before the intent is written: a failure here means the refresh token never
+        left (ROTATION.md invariant 4, "never sent"). Metadata and, for an OpenID Connect
+        provider, the signing keys that check the ID token a refresh returns; both are cached,
+        and a failed refetch falls back to what is held.
+        """
+        metadata = await self.metadata()
+        if self.needs_keys_to_refresh and metadata.jwks_uri is not None:
+            await self._key_set(metadata.jwks_uri, None)
+
+    @property
+    def can_introspect(self) -> bool:
+        """Whether the prepared metadata names an introspection endpoint (RFC 7662)."""
+        return self._metadata is not None and self._metadata.introspection_endpoint is not None
+
+    def prepared_metadata(self) -> ProviderMetadata:
+        """The metadata `prepare` resolved, without any I/O; IdpUnreachable when there is none."""
+        if self._metadata is None:
+            raise IdpUnreachable(f"provider {self.name}: discovery has not succeeded yet")
+        return self._metadata
+
+    async def introspect(self, token: Secret, hint: str = "refresh_token") -> bool | None:
+        """Whether the provider holds `token` active (RFC 7662); None when it offers this client
+        no introspection (no endpoint, or it refuses the client).
+
+        Transient failures raise IdpError: the answer is not known yet.
+        """
+        metadata = self.prepared_metadata()
+        if metadata.introspection_endpoint is None:
+            return None
+        url, headers, body = self._authenticate(
+            metadata.introspection_endpoint, {"token": token.reveal(), "token_type_hint": hint}
+        )
+        response = await send(self._session, "POST", url, data=body, headers=headers)
+        if response.status in (401, 403):
+            return None  # this client may not introspect
+        if response.status != 200:
+            raise error_for(response, "the introspection endpoint")
+        try:
+            answer = json.loads(response.body)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
+            raise IdpNotProcessed("the introspection endpoint did not answer with {active: bool}")
+        client_id = answer.get("client_id")
+        if answer["active"] and client_id not in (None, self.config.client_id):
+            # Active for another client: not the token this client holds.
+            return False
+        return bool(answer["active"])
 
     def authorize_url(
         self, metadata: ProviderMetadata, *, state: str, nonce: str | None, pkce: Pkce
@@ -127,9 +216,13 @@ class ProviderClient:
         )
 
     async def refresh(self, refresh_token: Secret) -> TokenResponse:
-        """Spend a refresh token. No `scope` is sent: some providers reject it on refresh."""
+        """Spend a refresh token, with the metadata `prepare` resolved (no discovery here).
+
+        No `scope` is sent: some providers reject it on refresh.
+        """
         return await self._token_call(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+            {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()},
+            prepared=True,
         )
 
     async def revoke_grant(self, refresh_token: Secret | None, access_token: Secret | None) -> bool:
@@ -201,8 +294,9 @@ class ProviderClient:
         except (ValueError, RecursionError, JoseError, TypeError, KeyError):
             raise IdpError(f"{jwks_uri} is not a usable JWK set") from None
 
-    async def _token_call(self, form: dict[str, str]) -> TokenResponse:
-        metadata = await self.metadata()
+    async def _token_call(self, form: dict[str, str], *, prepared: bool = False) -> TokenResponse:
+        # A refresh uses only what `prepare` resolved: no discovery between intent and send.
+        metadata = self.prepared_metadata() if prepared else await self.metadata()
         url, headers, body = self._authenticate(metadata.token_endpoint, form)
         response = await send(self._session, "POST", url, data=body, headers=headers)
         return parse_token_response(response)

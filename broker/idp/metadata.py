@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,20 @@ async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
     return document
 
 
+_OPTIONAL_ENDPOINTS = ("introspection_endpoint", "device_authorization_endpoint")
+
+
+async def _oauth_metadata(session: aiohttp.ClientSession, issuer: str) -> dict[str, Any] | None:
+    """The RFC 8414 document, at its own location or the path-suffix one; None when absent."""
+    base = issuer.rstrip("/")
+    for url in (rfc8414_url(base), _path_suffix_url(base)):
+        oauth = await _fetch(session, url)
+        if oauth is not None:
+            _check_issuer(oauth, issuer, "oauth-authorization-server")
+            return oauth
+    return None
+
+
 async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> ProviderMetadata:
     """The provider's metadata: discovery documents merged under the config's explicit keys."""
     found: dict[str, Any] = {}
@@ -66,16 +81,15 @@ async def discover(session: aiohttp.ClientSession, provider: ProviderConfig) -> 
         if oidc is not None:
             _check_issuer(oidc, provider.issuer, "openid-configuration")
             found.update(oidc)
-        # OpenID discovery documents often omit the revocation endpoint that the OAuth
-        # metadata lists, so read that too when something is missing.
-        wanted = ("revocation_endpoint", "introspection_endpoint", "device_authorization_endpoint")
-        if oidc is None or any(key not in found for key in wanted):
-            for url in (rfc8414_url(issuer), _path_suffix_url(issuer)):
-                oauth = await _fetch(session, url)
-                if oauth is not None:
-                    _check_issuer(oauth, provider.issuer, "oauth-authorization-server")
-                    found = {**oauth, **found}
-                    break
+        # OpenID discovery documents often omit endpoints that the OAuth metadata lists
+        # (revocation, introspection, device authorization), so read that too when one is
+        # missing. Without an OpenID document it is required; beside one, only the optional
+        # endpoints are at stake, so a failure to read it changes nothing.
+        if oidc is None or "revocation_endpoint" not in found:
+            found = {**(await _oauth_metadata(session, provider.issuer) or {}), **found}
+        elif any(key not in found for key in _OPTIONAL_ENDPOINTS):
+            with contextlib.suppress(IdpError):
+                found = {**(await _oauth_metadata(session, provider.issuer) or {}), **found}
         if not found:
             raise IdpError(f"no discovery document found for issuer {provider.issuer}")
     explicit = {

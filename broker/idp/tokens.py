@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import IdpAmbiguous, IdpError, IdpRejected
+from broker.errors import IdpAmbiguous, IdpError, IdpNotProcessed, IdpRejected
 from broker.idp.http import HttpResponse
 from broker.model import Secret
+from broker.schedule import Failure, failure_class
 
 MAX_LIFETIME = 10 * 365 * 86_400
 # When a provider omits expires_in, assume a short life rather than serve an expired token.
@@ -79,26 +80,32 @@ def _is_nan(value: float) -> bool:
 
 
 def error_for(response: HttpResponse, endpoint: str = "the token endpoint") -> IdpError:
-    """The IdpError a non-200 answer from a token (or revocation) endpoint stands for."""
+    """The IdpError a non-200 answer from a token (or revocation) endpoint stands for.
+
+    Its class follows `broker.schedule.failure_class`: 429, 503 and other 4xx answers say the
+    provider did not act (an OAuth error in a 400 or 401 is an IdpRejected, the rest
+    IdpNotProcessed); 500, 502, 504 and anything else may come after it acted (IdpAmbiguous).
+    """
+    status = response.status
     retry_after = response.retry_after()
     data = _json_object(response.body)
     error = data.get("error") if data else None
-    if response.status in (400, 401) and isinstance(error, str) and error:
+    if status in (400, 401) and isinstance(error, str) and error:
         description = data.get("error_description") if data else None
         return IdpRejected(
             _clean(error, 64),
             _clean(description, MAX_DESCRIPTION) if isinstance(description, str) else None,
-            response.status,
+            status,
             retry_after,
         )
-    if response.status >= 500:
+    if failure_class(sent=True, status=status) is Failure.AMBIGUOUS:
         # A gateway error or a crash: the IdP may have processed the request before failing.
-        return IdpAmbiguous(f"{endpoint} answered {response.status}", retry_after=retry_after)
+        return IdpAmbiguous(f"{endpoint} answered {status}", retry_after=retry_after)
     shape = "JSON" if data is not None else (response.content_type or "an empty body")
-    return IdpError(
-        f"{endpoint} answered {response.status} with {shape} and no OAuth error",
-        retry_after=retry_after,
-    )
+    said = f"{endpoint} answered {status} with {shape} and no OAuth error"
+    if status in (429, 503):
+        said = f"{endpoint} answered {status}: it did not act; trying again later"
+    return IdpNotProcessed(said, retry_after=retry_after)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -90,6 +90,9 @@ grants = Table(
     # The change sequence value of the row's last visible write (migration 0004): what orders
     # two writes of one row, and what other processes follow the store by.
     Column("version", BigInteger, nullable=False, server_default="0"),
+    # The write id of the last commit or settle of a refresh: a retry whose first attempt
+    # failed without knowing whether it landed recognises its own write by it.
+    Column("last_write", String(32), nullable=True),
     UniqueConstraint("provider", "user_name"),
     Index(None, "next_refresh_at"),
     Index(None, "key_id"),

@@ -1,10 +1,11 @@
-"""Order a grant's writes by a change sequence, never by wall-clock time.
+"""Order a grant's writes by a change sequence, never by wall-clock time; remember write ids.
 
 Every write that changes what callers see of a grant takes the next value of one counter
 (`grant_changes.seq`, a single row whose lock is held until the writing transaction commits, so
 values are handed out in commit order) and stamps it in `grants.version`. Caches order two
 writes of a row by (generation, version); other processes follow the store by polling
-`version > last seen`, which a write that commits late can never slip under.
+`version > last seen`, which a write that commits late can never slip under. `last_write`
+holds the id of the last commit or settle of a refresh, so a retry can recognise its own write.
 
 Revision ID: 0004
 Revises: 0003
@@ -33,6 +34,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("grants") as batch:
         batch.add_column(sa.Column("version", sa.BigInteger(), server_default="0", nullable=False))
+        batch.add_column(sa.Column("last_write", sa.String(32), nullable=True))
         batch.create_index(batch.f("ix_grants_version"), ["version"])
     # Existing rows get distinct versions in their write order, and the counter starts above.
     bind = op.get_bind()
@@ -58,5 +60,6 @@ def downgrade() -> None:
     op.drop_table("grant_deletions")
     with op.batch_alter_table("grants") as batch:
         batch.drop_index(batch.f("ix_grants_version"))
+        batch.drop_column("last_write")
         batch.drop_column("version")
     op.drop_table("grant_changes")

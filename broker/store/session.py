@@ -1,0 +1,105 @@
+"""Read and write transactions on the store, with the database's failures translated.
+
+Everything the repositories do goes through `Database.read()` or `Database.write()`, so that
+a database that cannot be reached, drops a connection, times out or is locked surfaces as one
+retryable `StoreUnavailable` (the callers decide what to retry; ROTATION.md invariant 7), and
+no driver exception, whose text may quote a statement's parameters, travels further up.
+Writes begin IMMEDIATE on SQLite (see broker.store.engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from broker.errors import StoreError, StoreUnavailable
+from broker.store.engine import writer
+from broker.store.tables import grant_changes
+
+# The driver's own words are kept only for errors about the connection or a lock, which name
+# no values ("database is locked", "connection was closed in the middle of operation").
+_REASON_CHARS = 160
+
+
+class Database:
+    """One engine, its writer twin, and error translation for both."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._writer = writer(engine)
+
+    @property
+    def dialect(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return str(self.engine.dialect.name)
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads."""
+        async with translated(), self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed when the block ends without an error."""
+        async with translated(), self._writer.begin() as conn:
+            yield conn
+
+
+@contextlib.asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turn the driver's and the pool's failures into StoreUnavailable or StoreError."""
+    try:
+        yield
+    except IntegrityError:
+        raise  # a constraint the caller knows how to read (a duplicate, a lost race)
+    except DBAPIError as exc:
+        raise _translate(exc) from None
+    except PoolTimeout:
+        raise StoreUnavailable("no database connection became free in time") from None
+    except (OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"the database cannot be reached: {type(exc).__name__}") from None
+
+
+def _translate(exc: DBAPIError) -> StoreError:
+    original = exc.orig
+    name = type(original).__name__ if original is not None else type(exc).__name__
+    connection_level = exc.connection_invalidated or _is_connection_error(exc)
+    if connection_level:
+        reason = " ".join(str(original).split())[:_REASON_CHARS] if original is not None else ""
+        detail = f"{name}: {reason}" if reason else name
+        return StoreUnavailable(f"the database did not complete the operation ({detail})")
+    return StoreError(f"the database refused the operation ({name})")
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    """Whether the failure is the connection's or a lock's, not the statement's."""
+    kind = type(exc).__name__
+    if kind in ("OperationalError", "InterfaceError"):
+        return True
+    original = exc.orig
+    # asyncpg's errors reach SQLAlchemy wrapped; their SQLSTATE class says what they are:
+    # 08 connection exception, 53 insufficient resources, 57 operator intervention (a server
+    # shutting down, a statement timeout or cancel), 40 a serialization failure or deadlock.
+    sqlstate = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "53", "57", "40")
+
+
+async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
+    """Take `count` values of the change sequence inside `conn`'s write transaction; the last.
+
+    The counter row stays locked until the transaction ends, so values are handed out in
+    commit order: a follower that has seen version v never later finds a new write below v.
+    """
+    result = await conn.execute(
+        update(grant_changes)
+        .where(grant_changes.c.id == 1)
+        .values(seq=grant_changes.c.seq + count)
+        .returning(grant_changes.c.seq)
+    )
+    return int(result.scalar_one())
