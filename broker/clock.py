@@ -63,6 +63,16 @@ class SteadyClock:
         self._base, self._at = steady + timedelta(seconds=correction), mono
         return self._base
 
+    def follow(self, reference: Callable[[], datetime]) -> float:
+        """Follow another reference from now on, starting from it at once (made at start-up,
+        before any decision, e.g. to follow the database server's clock in a fleet); returns
+        how far it was from the old one, in seconds."""
+        offset = (reference() - self()).total_seconds()
+        self._reference = reference
+        self._base, self._at = reference(), self._monotonic()
+        self._reported = False
+        return offset
+
     def offset(self) -> float:
         """Seconds the reference is ahead of this clock right now (negative: behind)."""
         return (self._reference() - self()).total_seconds()

@@ -85,10 +85,19 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    """Where grants are kept and the keyring that seals them."""
+    """Where grants are kept, the keyring that seals them, and how a fleet shares them."""
 
     url: str = "sqlite:////var/lib/token-broker/broker.db"
     key_file: Path = Path("/etc/token-broker/keys")
+    password_file: Path | None = None  # PostgreSQL: else PGPASSWORD or ~/.pgpass
+    pool_size: int = 10  # PostgreSQL connections per broker
+    # A broker whose heartbeat is older than this is dead: its refreshes are recovered.
+    node_timeout: timedelta = timedelta(seconds=10)
+
+    @property
+    def postgresql(self) -> bool:
+        """Whether the store is PostgreSQL (a fleet may share it)."""
+        return self.url.startswith("postgresql://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +309,20 @@ def _parse_store(t: Table, base_dir: Path) -> StoreConfig:
         url = "postgresql://" + url.partition("://")[2]
     else:
         t.problem("url", "expected sqlite:///PATH, postgresql://... or postgresql+asyncpg://...")
-    return StoreConfig(url=url, key_file=t.path("key_file", base_dir) or d.key_file)
+    password_file = t.path("password_file", base_dir)  # read by PostgreSQL stores only
+    pool_size = t.integer("pool_size")
+    if pool_size is not None and not 1 <= pool_size <= 100:
+        t.problem("pool_size", f"must be from 1 to 100, got {pool_size}")
+    node_timeout = t.duration("node_timeout", d.node_timeout)
+    if not timedelta(seconds=3) <= node_timeout <= timedelta(minutes=5):
+        t.problem("node_timeout", "must be from 3s to 5m")
+    return StoreConfig(
+        url=url,
+        key_file=t.path("key_file", base_dir) or d.key_file,
+        password_file=password_file,
+        pool_size=d.pool_size if pool_size is None else pool_size,
+        node_timeout=node_timeout,
+    )
 
 
 def _parse_refresh(t: Table) -> RefreshConfig:

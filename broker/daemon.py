@@ -39,7 +39,9 @@ from broker.cache import GrantCache
 from broker.clock import SLEW, SteadyClock
 from broker.config import Config, Listen, ProviderConfig, load_config
 from broker.crypto import Keyring, keyring_path, load_keyring
-from broker.errors import BrokerError, ConfigError, KeyringError, StartupError
+from broker.errors import BrokerError, ConfigError, KeyringError, StartupError, StoreUnavailable
+from broker.fleet import Fleet, ServerTime, this_node
+from broker.follower import Follower
 from broker.grants import GrantService
 from broker.idp.client import ProviderClient, read_client_secret
 from broker.idp.http import new_session
@@ -47,16 +49,20 @@ from broker.live import LiveMap
 from broker.login import LoginService
 from broker.metrics import Metrics
 from broker.model import GrantState, Secret
-from broker.refresher import Refresher
+from broker.refresher import LEASE, Refresher
 from broker.schedule import RefreshPolicy
-from broker.store.engine import create_engine
+from broker.store.engine import listener_params, store_engine
+from broker.store.feed import PgListener
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
+from broker.store.nodes import NodeRepository
 from broker.store.repository import GrantRepository
 from broker.systemd import Notifier, activated_sockets, keepalive
 from broker.tasks import Tasks
 
 READY_CHECK_TIMEOUT = 2.0
+DB_WAIT_BASE = 1.0  # seconds between attempts to reach the database at start, doubling
+DB_WAIT_CAP = 30.0
 API_FD_NAME = "api"  # FileDescriptorName= of the API socket in token-broker.socket
 log = structlog.get_logger("broker.daemon")
 
@@ -81,6 +87,7 @@ class Store:
 
     grants: GrantRepository
     logins: LoginRepository
+    nodes: NodeRepository
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +144,10 @@ class Daemon:
         stalled = None if refresher is None else refresher.stalled()
         if stalled:
             problems.append(f"refresher: {stalled}")
+        if refresher is not None and refresher.fleet is not None:
+            absent = refresher.fleet.problem(self.config.store.node_timeout)
+            if absent:
+                problems.append(f"fleet: {absent}")
         try:
             await asyncio.wait_for(repository.ping(), READY_CHECK_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - whatever the store raises makes us unready
@@ -159,11 +170,18 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def store(self) -> AsyncIterator[Store]:
-        """The checked, migrated store; disposed on exit."""
+        """The checked, migrated store; disposed on exit. A database that cannot be reached
+        yet is waited for (with back-off, and a log line saying so), not a crash loop."""
         keyring = self.load_keys()
-        engine = create_engine(self.config.store.url)
+        engine = store_engine(self.config.store)
         try:
-            repository = GrantRepository(engine, keyring, reload_keyring=self.load_keys)
+            repository = GrantRepository(
+                engine,
+                keyring,
+                reload_keyring=self.load_keys,
+                node_timeout=self.config.store.node_timeout,
+            )
+            await self._wait_for_database(repository)
             problems = await repository.verify_keys()
             if problems:
                 raise KeyringError(
@@ -173,9 +191,38 @@ class Daemon:
             before, after = await upgrade(engine)
             if before != after:
                 log.info("store_migrated", before=before, after=after)
-            yield Store(grants=repository, logins=LoginRepository(engine, repository.sealer))
+            yield Store(
+                grants=repository,
+                logins=LoginRepository(engine, repository.sealer),
+                nodes=NodeRepository(engine, self.config.store.node_timeout),
+            )
         finally:
             await engine.dispose()
+
+    async def _wait_for_database(self, repository: GrantRepository) -> None:
+        attempt = 0
+        while True:
+            try:
+                await repository.ping()
+            except StoreUnavailable as exc:
+                attempt += 1
+                delay = min(DB_WAIT_CAP, DB_WAIT_BASE * (1 << min(attempt - 1, 10)))
+                log.warning(
+                    "waiting_for_database",
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    reason=str(exc),
+                    detail="the store cannot be reached yet; the daemon waits for it",
+                )
+                self.notifier.extend_timeout(delay + 10, "waiting for the database")
+                if self.stopping.is_set():
+                    raise StartupError("stopped while waiting for the database") from None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                continue
+            if attempt:
+                log.info("database_reached", attempts=attempt + 1)
+            return
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config."""
@@ -223,6 +270,19 @@ class Daemon:
             min_margin=refresh.min_margin,
             jitter=refresh.jitter,
         )
+        server_time = await self._follow_server_clock(store.nodes)
+        fleet = Fleet(store.nodes, this_node(), self.clock, lease=LEASE, server_time=server_time)
+        listener = None
+        if self.config.store.postgresql:
+            listener = PgListener(*listener_params(self.config.store))
+        follower = Follower(
+            store.grants,
+            cache,
+            metrics,
+            self.clock,
+            listener=listener,
+            shared=lambda: bool(fleet.peers),
+        )
         refresher = Refresher(
             store.grants,
             cache=cache,
@@ -232,7 +292,17 @@ class Daemon:
             max_concurrency=refresh.max_concurrency,
             metrics=metrics,
             clock=self.clock,
+            follower=follower,
+            fleet=fleet,
         )
+        fleet.in_flight = refresher.in_flight  # whose leases the heartbeat renews
+        await fleet.join()
+        stack.push_async_callback(fleet.leave)
+        background = Tasks()
+        stack.push_async_callback(background.cancel_all)
+        background.spawn(fleet.run(), "fleet heartbeat")
+        if listener is not None:
+            background.spawn(listener.run(), "store feed")
         service = GrantService(
             store.grants,
             providers,
@@ -372,6 +442,21 @@ class Daemon:
                 sections=restart,
                 detail="these settings keep their old values until the daemon restarts",
             )
+
+    async def _follow_server_clock(self, nodes: NodeRepository) -> ServerTime | None:
+        """In a fleet (PostgreSQL), this broker's time is the database server's."""
+        server = await nodes.server_time()
+        if server is None:
+            return None
+        server_time = ServerTime(server)
+        if isinstance(self.clock, SteadyClock):
+            offset = self.clock.follow(server_time)
+            log.info(
+                "clock_follows_database",
+                offset_s=round(offset, 3),
+                detail="leases, intents, schedules and expiries use the database server's clock",
+            )
+        return server_time
 
     def _status(self, rt: Runtime) -> str:
         """The STATUS= line: how many grants, by state."""

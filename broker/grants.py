@@ -153,7 +153,11 @@ class GrantService:
                 if grant.state is not GrantState.ACTIVE:
                     return self._after_refusal(grant, now)
                 self._refuse_while_storing(grant)
-                if refresher.is_rotating(grant.id) or grant.intent_at is not None:
+                if (
+                    refresher.is_rotating(grant.id)
+                    or grant.intent_at is not None
+                    or refresher.behind(grant)
+                ):
                     raise TokenUnavailable(
                         f"a refresh of grant {grant.name} is taking long; its old access token "
                         "may no longer be valid",
@@ -195,7 +199,11 @@ class GrantService:
         deadline = time.monotonic() + CALLER_WAIT_SECONDS
         while True:
             current = self._cached(grant.provider, grant.user)
-            busy = self._refresher.is_rotating(current.id) or current.intent_at is not None
+            busy = (
+                self._refresher.is_rotating(current.id)
+                or current.intent_at is not None
+                or self._refresher.behind(current)
+            )
             left = deadline - time.monotonic()
             if not busy or left <= 0 or current.state is not GrantState.ACTIVE:
                 return current
@@ -215,14 +223,18 @@ class GrantService:
     async def _rotating(self, grant: Grant, now: datetime) -> bool:
         """Whether the grant's refresh token is at the IdP now, here or in another process.
 
-        Memory answers for this process, and for others whose intent this process has seen
-        (the claim records it). Around the grant's refresh time the store is also asked (one
-        primary-key read, briefly): a newer generation or another owner's open intent both
-        mean the cached token is about to die, or has. A store that cannot answer in time
-        changes nothing: the cached token is served (ROTATION.md invariant 7).
+        Memory answers for this process, and for others whose claim this process has seen or
+        been told of by the store's feed. Around the grant's refresh time the store is also
+        asked (one primary-key read, briefly): a newer generation or another owner's open
+        intent both mean the cached token is about to die, or has. A store that cannot answer
+        in time changes nothing: the cached token is served (ROTATION.md invariant 7).
         """
         assert self._refresher is not None
-        if self._refresher.is_rotating(grant.id) or grant.intent_at is not None:
+        if (
+            self._refresher.is_rotating(grant.id)
+            or grant.intent_at is not None
+            or self._refresher.behind(grant)
+        ):
             return True
         near = grant.next_refresh_at is not None and now >= grant.next_refresh_at - NEAR_REFRESH
         if not near:

@@ -48,6 +48,8 @@ TOKEN_BUCKETS = (
     5.0,
     10.0,
 )
+# From a commit on one broker to its publication on another: milliseconds on a healthy fleet.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -135,6 +137,13 @@ class Metrics:
             PREFIX + "lease_takeovers",
             "Grants whose lease this node took over from a node found dead.",
             ["provider"],
+            registry=r,
+        )
+        self.fleet_change_lag = Histogram(
+            PREFIX + "fleet_change_lag_seconds",
+            "From a write committed by another broker (or process) sharing the store to its "
+            "publication on this one.",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.build_info = Gauge(

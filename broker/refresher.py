@@ -2,7 +2,7 @@
 
 Read this against ROTATION.md; each step names the invariant it keeps.
 
-One refresh of one grant (`_refresh`):
+One refresh of one grant:
 
 1. Single flight (1). Within this process a grant has at most one refresh task; callers that
    need it await the task through `asyncio.shield`, so a caller that gives up never cancels
@@ -10,52 +10,57 @@ One refresh of one grant (`_refresh`):
 2. Before anything is written, whatever can fail without spending the token is resolved (the
    provider's metadata and keys, `TokenClient.prepare`): such a failure is "never sent" (4) and
    backs the whole provider off (broker.gates), costing the grant nothing.
-3. The claim: one compare-and-swap write takes the grant's lease (across processes sharing the
-   store, only when no other owner holds a live one) and records the intent to send, and
-   succeeds only while the row is still the version this process holds (so the token sent is
-   the stored one, and a back-off or rotation another process just stored is respected). The
-   claimed grant, intent set, is published at once: callers of this grant wait for the new token
-   instead of being served the one the provider is about to delete. A claim lost to another
-   owner frees the concurrency slot at once; the caller waits for the change, not the task.
+3. The claim (broker.store.rotations): one write takes the grant's lease, only when no live
+   owner holds it and the provider has fewer than `max_concurrency` refreshes in flight across
+   every broker on the store, and records the intent to send; a caller's claim also requires
+   the row to be the version it holds, so the token sent is the stored one and a back-off or
+   rotation another broker just stored is respected. The claim is announced (published here,
+   notified to other brokers, and on a shared store given a moment to arrive, broker.follower)
+   before the token leaves, so every broker holds that grant's callers for the new token
+   instead of serving the one the provider deletes. A claim lost to another owner holds
+   nothing here: the caller waits for the change (broker.follower), not for a task.
 4. The claimed grant's refresh token is spent by `broker.rotation` (lease checked before every
-   send, replay inside grace, introspection, the compare-and-swap commit retried until it lands,
-   back-off and rotation_lost; its docstring walks through invariants 2 to 7). Only after the
-   rotation's commit does the cache (and so any caller) see the new access token (2, persist
-   before publish). A client error (invalid_client) pauses the provider (5).
+   send, replay inside grace, introspection, the compare-and-swap commit retried until it
+   lands, back-off and rotation_lost; its docstring walks through invariants 2 to 7). Only
+   after the rotation's commit does the cache (and so any caller) see the new access token (2,
+   persist before publish). A client error (invalid_client) pauses the provider (5).
 5. Refresh ahead of need (6): the rotation schedules each grant's next refresh; the schedule
-   loop starts due refreshes with at most `max_concurrency` in flight per provider.
+   loop claims due grants in batches, skipping rows another broker is claiming at that moment;
+   a broker that died mid-refresh (its heartbeat stale, broker.fleet) leaves its intents due
+   at once, and any live broker recovers them (lease_takeovers_total counts those).
 
-The schedule loop (`run`) follows the store's change sequence (`sync`: writes and deletions by
-anyone, in version order), asks the store for due grants through an index, and sleeps until the
-next due time (at most `POLL` seconds; less while a caller waits for another process's refresh).
-Local timers (cool-downs, gates) run on the monotonic clock, so a step of the wall clock moves
-no deadline of this process.
+The schedule loop (`run`) asks the store for due grants through an index and sleeps until the
+next due time (at most `POLL` seconds), or until the follower publishes a change. Local timers
+(cool-downs, gates) run on the monotonic clock, so a step of the wall clock moves no deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import math
 import random
 import secrets
-import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import BrokerError, ConflictError, IdpError, StoreError
+from broker.fleet import Fleet
+from broker.follower import Follower
 from broker.gates import ProviderGate
 from broker.idp.http import MAX_CALL_SECONDS
 from broker.metrics import Metrics
-from broker.model import Grant, GrantState
+from broker.model import Grant
 from broker.rotation import REPLAY_MARGIN, Attempt, Lease, Rotated, Rotation, TokenClient
 from broker.schedule import RefreshPolicy, backoff, replay_delay
 from broker.store.repository import GrantRepository
+from broker.store.rotations import Claim, ClaimOutcome
 from broker.tasks import Tasks
 
 __all__ = [
@@ -63,51 +68,21 @@ __all__ = [
     "POLL",
     "REPLAY_MARGIN",
     "STALL_AFTER",
-    "SWEEP_SECONDS",
     "Refresher",
     "TokenClient",
-    "dead_here",
-    "owner_id",
 ]
 
-# The lease must outlive the longest IdP call, or a second owner could start while the first
-# is still waiting for its answer.
-LEASE = timedelta(seconds=MAX_CALL_SECONDS * 3)
+# Longer than the longest IdP call, and renewed by the fleet's heartbeat while a call is in
+# flight: a live owner's lease never lapses under it, a dead one's is taken over by liveness.
+LEASE = timedelta(seconds=MAX_CALL_SECONDS + 15)
 POLL = timedelta(seconds=1)
-FAST_POLL_SECONDS = 0.05  # while a caller waits for a refresh another process is making
+CALLER_CLAIM_SECONDS = 5.0  # how long a caller's refresh waits for room under max_concurrency
+ROOM_POLL_SECONDS = 0.05
 EXCLUSIVE_POLL_SECONDS = 0.2
-SWEEP_SECONDS = 5.0  # how often the loop looks for dead owners' leases
+CLAIM_SPREAD_SECONDS = 0.05  # in a fleet, a random pause before claiming spreads the work
 STALL_AFTER = timedelta(seconds=30)
-DUE_BATCH = 256
+DUE_BATCH = 64
 log = structlog.get_logger("broker.refresher")
-
-
-def owner_id() -> str:
-    """A lease owner name unique to this process incarnation: host/pid/random."""
-    return f"{socket.gethostname()[:40]}/{os.getpid()}/{secrets.token_hex(4)}"
-
-
-def dead_here(owner: str) -> bool:
-    """Whether `owner` names a process on this host that no longer runs.
-
-    A broker restarted after a crash must not wait for its predecessor's leases to expire:
-    by then a provider's refresh_grace may have passed and an interrupted rotation be lost.
-    Owners on other hosts cannot be checked and keep their leases until they expire.
-    """
-    host, _, rest = owner.partition("/")
-    pid_text = rest.partition("/")[0]
-    if host != socket.gethostname()[:40] or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, under another uid
-    return False
 
 
 class Refresher:
@@ -126,6 +101,8 @@ class Refresher:
         clock: Callable[[], datetime],
         rand: Callable[[], float] = random.random,
         owner: str | None = None,
+        follower: Follower | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._repository = repository
         self._cache = cache
@@ -135,7 +112,9 @@ class Refresher:
         self._metrics = metrics
         self._clock = clock
         self._rand = rand
-        self.owner = owner or owner_id()
+        self.fleet = fleet
+        self.owner = fleet.me.id if fleet is not None else owner or secrets.token_hex(8)
+        self.follower = follower or Follower(repository, cache, metrics, clock)
         self._rotation = Rotation(
             repository,
             policy=policy,
@@ -148,22 +127,16 @@ class Refresher:
             pause=replay_delay,
         )
         self._max_concurrency = max_concurrency
-        self._limits: dict[str, asyncio.Semaphore] = {}  # per provider, made on first use
         self._gates: dict[str, ProviderGate] = {}
         self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
         self._sending: set[str] = set()  # claimed: the token is at (or about to reach) the IdP
         self._held: set[str] = set()  # held off by `exclusive`: no refresh may start
         self._cooldown: dict[str, float] = {}  # grant id -> monotonic time
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._syncing: asyncio.Task[None] | None = None
         self._tasks = Tasks()
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat: float | None = None  # monotonic time of the loop's last round
-        # The change sequence value up to which this process has published the store's writes.
-        self.seen_version = 0
-        cache.subscribe(self._published)
 
     # -- single flight ---------------------------------------------------------------------
 
@@ -171,18 +144,22 @@ class Refresher:
         """The one task refreshing `grant` in this process, started if none is running."""
         task = self._inflight.get(grant.id)
         if task is None:
-            task = self._tasks.spawn(
-                self._refresh(grant.id, grant.provider, grant.version), f"refresh {grant.name}"
-            )
-            self._inflight[grant.id] = task
-            task.add_done_callback(lambda done: self._forget(grant.id, done))
+            task = self._track(grant, self._refresh(grant.id, grant.provider, grant.version))
+        return task
+
+    def _track(
+        self, grant: Grant, work: Coroutine[Any, Any, Grant | None]
+    ) -> asyncio.Task[Grant | None]:
+        task = self._tasks.spawn(work, f"refresh {grant.name}")
+        self._inflight[grant.id] = task
+        task.add_done_callback(lambda done: self._forget(grant.id, done))
         return task
 
     async def wait(self, grant: Grant, seconds: float) -> Grant | None:
         """Refresh `grant` and wait at most `seconds`; giving up never cancels the call.
 
-        When another process holds the grant's lease, waits (within `seconds`) for the change
-        it stores, without holding anything of this process's.
+        When another broker holds the grant's lease, waits (within `seconds`) for the change
+        it stores, without holding anything of this one's.
         """
         deadline = time.monotonic() + seconds
         try:
@@ -196,61 +173,33 @@ class Refresher:
         return result
 
     async def wait_for_change(self, grant: Grant, seconds: float) -> None:
-        """Wait at most `seconds` until this process publishes a newer version of `grant`
-        (from its own refresh, or from the store's change sequence)."""
-        if seconds <= 0:
-            return
-        current = self._cache.by_id(grant.id)
-        if current is None or current.version != grant.version:
-            return
+        """Wait at most `seconds` until a newer version of `grant` is published here (from
+        this broker's own refresh, or from the store)."""
         task = self._inflight.get(grant.id)
-        if task is not None:
+        if task is not None and seconds > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), seconds)
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(grant.id, []).append(future)
-        deadline = time.monotonic() + seconds
-        try:
-            # Another process is refreshing it: follow the store's change sequence closely
-            # until this process publishes the change (or the wait ends).
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    await asyncio.wait_for(asyncio.shield(future), min(FAST_POLL_SECONDS, left))
-                except TimeoutError:
-                    await self._sync_now()
-                else:
-                    return
-        finally:
-            waiting = self._waiters.get(grant.id, [])
-            if future in waiting:
-                waiting.remove(future)
-            if not waiting:
-                self._waiters.pop(grant.id, None)
-
-    async def _sync_now(self) -> None:
-        """One `sync` shared by everyone waiting; a store that cannot answer is not an error."""
-        if self._syncing is None or self._syncing.done():
-            self._syncing = self._tasks.spawn(self.sync(), "sync")
-        with contextlib.suppress(StoreError):
-            await asyncio.shield(self._syncing)
-
-    def _published(self, before: Grant | None, after: Grant | None) -> None:
-        grant = after or before
-        if grant is None:
-            return
-        for future in self._waiters.pop(grant.id, []):
-            if not future.done():
-                future.set_result(None)
+        await self.follower.wait_for_change(grant, seconds)
 
     def is_rotating(self, grant_id: str) -> bool:
-        """Whether this process has claimed the grant: its refresh token is at the IdP, or its
+        """Whether this broker has claimed the grant: its refresh token is at the IdP, or its
         outcome is being stored."""
         return grant_id in self._sending
+
+    def behind(self, grant: Grant) -> bool:
+        """Whether another broker has written a newer version of `grant` than this one holds
+        (announced by the store's feed, not yet read)."""
+        return self.follower.behind(grant)
 
     def commit_pending(self, grant_id: str) -> bool:
         """Whether the grant's new tokens are known but the store has not taken them yet."""
         return grant_id in self._rotation.pending
+
+    def in_flight(self) -> list[str]:
+        """The grants this broker holds leases on for calls in flight (the heartbeat renews
+        those leases)."""
+        return list(self._sending)
 
     def gate(self, provider: str) -> ProviderGate:
         """The provider's gate (made open on first use)."""
@@ -279,57 +228,111 @@ class Refresher:
             log.error("refresh_not_started", grant_id=grant_id, error=detail)
         self._wake.set()  # the loop's view of what is due has changed
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, grant: Grant, seconds: float) -> AsyncIterator[Grant | None]:
+        """Hold off every refresh of `grant`, here and in other brokers, while the caller
+        changes it outside a refresh (revokes it); yields the grant as stored once none is
+        in flight, or None when it is gone.
+
+        ConflictError when a refresh elsewhere still holds the grant after `seconds`.
+        """
+        self._held.add(grant.id)
+        deadline = time.monotonic() + seconds
+        try:
+            task = self._inflight.get(grant.id)
+            if task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), seconds)
+            while not await self._repository.take_lease(grant.id, self.owner, self._clock(), LEASE):
+                if time.monotonic() > deadline:
+                    raise ConflictError(f"a refresh of {grant.name} is in flight elsewhere")
+                await asyncio.sleep(EXCLUSIVE_POLL_SECONDS)
+            yield await self._repository.get_by_id(grant.id)
+        finally:
+            self._held.discard(grant.id)
+            await self._release(grant)
+
     # -- the schedule loop -----------------------------------------------------------------
 
     async def run(self) -> None:
         """Refresh grants as they come due, until cancelled."""
-        last_sweep = 0.0
-        while True:
-            self.heartbeat = time.monotonic()
-            try:
-                await self.sync()
-                if time.monotonic() - last_sweep > SWEEP_SECONDS:
-                    await self._break_dead_leases()
-                    last_sweep = time.monotonic()
-                now = self._clock()
-                await self._start_due(now)
-                delay = await self._sleep_for(now)
-            except StoreError as exc:
-                log.warning("refresh_loop_store_unavailable", reason=str(exc))
-                delay = POLL.total_seconds()
-            except Exception:  # the loop must outlive a bad moment of the store
-                log.exception("refresh_loop_error")
-                delay = POLL.total_seconds()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+        follow = self._tasks.spawn(self.follower.run(self._wake.set), "follow the store")
+        try:
+            while True:
+                self.heartbeat = time.monotonic()
+                try:
+                    now = self._clock()
+                    await self._start_due(now)
+                    delay = await self._sleep_for(now)
+                except StoreError as exc:
+                    log.warning("refresh_loop_store_unavailable", reason=str(exc))
+                    delay = POLL.total_seconds()
+                except Exception:  # the loop must outlive a bad moment of the store
+                    log.exception("refresh_loop_error")
+                    delay = POLL.total_seconds()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            follow.cancel()
 
     async def sync(self) -> None:
-        """Follow the store's change sequence: publish what anyone wrote or deleted since."""
-        changes = await self._repository.changes_since(self.seen_version)
-        for grant in changes.written:
-            self._cache.put(grant)
-        for gone in changes.deleted:
-            cached = self._cache.get(gone.provider, gone.user)
-            if cached is not None and cached.id == gone.grant_id:
-                self._cache.drop(gone.provider, gone.user)
-        self.seen_version = max(self.seen_version, changes.version)
+        """Publish what anyone wrote to the store since this broker last looked."""
+        await self.follower.sync()
 
     async def _start_due(self, now: datetime) -> None:
+        """Claim due grants in batches, per provider, and start a refresh for each claimed."""
         mono = time.monotonic()
-        for due in await self._repository.due(now, DUE_BATCH, self._providers.keys()):
-            if due.id in self._inflight or self.gate(due.provider).closed(mono):
-                continue
-            if self._cooldown.get(due.id, mono) > mono:
-                continue
-            self._cooldown.pop(due.id, None)
-            grant = self._cache.by_id(due.id)
-            if grant is None:  # written by another process since the last sync
-                grant = await self._repository.get_by_id(due.id)
-                if grant is None:
-                    continue
-                self._cache.put(grant)
-            self.refresh(grant)
+        due = await self._repository.due(now, DUE_BATCH, self._providers.keys())
+        providers = {
+            item.provider
+            for item in due
+            if item.id not in self._inflight
+            and not self.gate(item.provider).closed(mono)
+            and self._cooldown.get(item.id, mono) <= mono
+        }
+        if not providers:
+            return
+        shared = self.fleet is not None and bool(self.fleet.peers)
+        if shared:
+            # Every broker wakes at the same due time; a random pause lets a different one
+            # win each time, which spreads the refreshes over the fleet.
+            await asyncio.sleep(CLAIM_SPREAD_SECONDS * self._rand())
+        for provider in sorted(providers):
+            await self._claim_batch(provider, shared)
+
+    async def _claim_batch(self, provider: str, shared: bool) -> None:
+        config, client = self._providers.get(provider), self._clients.get(provider)
+        if config is None or client is None or self._stopping:
+            return
+        try:
+            await client.prepare()
+        except IdpError as exc:
+            self._provider_unreachable(provider, exc)
+            return
+        mono = time.monotonic()
+        cooling = frozenset(gid for gid, until in self._cooldown.items() if until > mono)
+        share = self._max_concurrency
+        if shared and self.fleet is not None:
+            share = max(1, math.ceil(self._max_concurrency / (1 + len(self.fleet.peers))))
+        taken_at = time.monotonic()
+        claims = await self._repository.claim_due(
+            provider,
+            self.owner,
+            self._clock(),
+            LEASE,
+            capacity=self._max_concurrency,
+            limit=share,
+            skip=frozenset(self._inflight) | frozenset(self._held) | cooling,
+        )
+        for claim in claims:
+            assert claim.grant is not None
+            self._took_over(claim)
+            lease = Lease(
+                self._repository, claim.grant, self.owner, LEASE, self._clock, taken_at=taken_at
+            )
+            attempt = Attempt(claim.grant, config, client, lease, claim.recovering)
+            self._track(claim.grant, self._run_claimed(attempt))
 
     async def _sleep_for(self, now: datetime) -> float:
         """Until the next grant comes due, at most POLL; a refresh ending wakes the loop."""
@@ -344,26 +347,19 @@ class Refresher:
         self._wake.set()
 
     async def recover(self) -> int:
-        """Start finishing refreshes that dead processes left with an unknown outcome.
+        """Start finishing refreshes that dead brokers left with an unknown outcome.
 
-        Leases of dead processes on this host are broken first, so recovery happens now,
-        inside the provider's grace, not after the leases expire.
+        Brokers of this machine that died are found first (broker.fleet), so recovery happens
+        now, inside the provider's grace, not after their leases would have expired.
         """
-        await self._break_dead_leases()
+        if self.fleet is not None:
+            await self.fleet.survey()
         pending = [grant for grant in self._cache if grant.intent_at is not None]
         if pending:
             log.warning("recovering_refreshes", grants=len(pending))
         for grant in pending:
             self.refresh(grant)
         return len(pending)
-
-    async def _break_dead_leases(self) -> int:
-        """Free the leases of dead processes on this host (a predecessor, or a sibling)."""
-        dead = {owner for owner in await self._repository.lease_owners() if dead_here(owner)}
-        broken = await self._repository.break_leases(dead)
-        if broken:
-            log.warning("broke_dead_leases", owners=len(dead), grants=broken)
-        return broken
 
     def start(self) -> None:
         """Start the schedule loop."""
@@ -394,79 +390,81 @@ class Refresher:
             log.info("waiting_for_refreshes", count=len(inflight))
             await asyncio.wait(inflight, timeout=MAX_CALL_SECONDS + 5)
         await self._tasks.cancel_all()
+        await self.follower.stop()
 
-    # -- one refresh -----------------------------------------------------------------------
+    # -- one refresh asked for by a caller -----------------------------------------------------
 
     async def _refresh(self, grant_id: str, provider: str, seen: int) -> Grant | None:
-        """Refresh one grant as the caller (or the loop) last saw it: at version `seen`.
+        """Refresh one grant as the caller (or recovery) last saw it: at version `seen`.
 
         Never raises for a store or provider failure: the caller gets the grant as this
-        process now holds it, and decides again from that.
+        broker now holds it, and decides again from that.
         """
         # The provider as it is now; a reload during the call does not change what it uses.
         config, client = self._providers.get(provider), self._clients.get(provider)
-        if config is None or client is None:
-            return self._cache.by_id(grant_id)
-        limit = self._limits.setdefault(provider, asyncio.Semaphore(self._max_concurrency))
-        async with limit:
-            cached = self._cache.by_id(grant_id)
-            if not self._may_start(cached, seen):
-                return cached
-            assert cached is not None
-            try:
-                await client.prepare()
-            except IdpError as exc:
-                self._provider_unreachable(provider, exc)
-                return cached
-            try:
-                claimed = await self._claim(cached)
-                if claimed is None and await self._held_by_the_dead(cached):
-                    # A process that died mid-refresh left its lease: recover it now, inside
-                    # the provider's grace, rather than after the lease runs out.
-                    cached = self._cache.by_id(grant_id) or cached
-                    claimed = await self._claim(cached)
-            except StoreError as exc:
-                self._cool_down(cached, exc)
-                return self._cache.by_id(grant_id)
-            if claimed is not None:
-                grant, lease = claimed
-                attempt = Attempt(grant, config, client, lease, cached.intent_at is not None)
-                return await self._run_claimed(attempt)
-        return await self._lost_claim(grant_id, seen)
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self, grant: Grant, seconds: float) -> AsyncIterator[Grant | None]:
-        """Hold off every refresh of `grant`, here and in other processes, while the caller
-        changes it outside a refresh (revokes it); yields the grant as stored once none is
-        in flight, or None when it is gone.
-
-        ConflictError when a refresh elsewhere still holds the grant after `seconds`.
-        """
-        self._held.add(grant.id)
-        deadline = time.monotonic() + seconds
+        cached = self._cache.by_id(grant_id)
+        if config is None or client is None or not self._may_start(cached, seen):
+            return cached
+        assert cached is not None
         try:
-            task = self._inflight.get(grant.id)
-            if task is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), seconds)
-            while True:
-                now = self._clock()
-                if await self._repository.take_lease(grant.id, self.owner, now, now + LEASE):
-                    break
-                if time.monotonic() > deadline:
-                    raise ConflictError(f"a refresh of {grant.name} is in flight elsewhere")
-                await asyncio.sleep(EXCLUSIVE_POLL_SECONDS)
-            yield await self._repository.get_by_id(grant.id)
-        finally:
-            self._held.discard(grant.id)
-            await self._release(grant)
+            await client.prepare()
+        except IdpError as exc:
+            self._provider_unreachable(provider, exc)
+            return cached
+        try:
+            claim, lease = await self._claim_for_caller(cached)
+        except StoreError as exc:
+            self._cool_down(cached, exc)
+            return self._cache.by_id(grant_id)
+        if claim.grant is None or lease is None:
+            return await self._reload(grant_id)
+        attempt = Attempt(claim.grant, config, client, lease, claim.recovering)
+        return await self._run_claimed(attempt)
+
+    async def _claim_for_caller(self, grant: Grant) -> tuple[Claim, Lease | None]:
+        """Claim `grant`, waiting a little for room under max_concurrency. A claim in the way
+        that belongs to a broker of this machine that has died is taken over at once (the
+        grant is then recovered). The lease when it was taken."""
+        deadline = time.monotonic() + CALLER_CLAIM_SECONDS
+        surveyed = followed = False
+        while True:
+            taken_at = time.monotonic()
+            claim = await self._repository.claim(
+                grant, self.owner, self._clock(), LEASE, capacity=self._max_concurrency
+            )
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                assert claim.grant is not None
+                self._took_over(claim)
+                lease = Lease(
+                    self._repository, claim.grant, self.owner, LEASE, self._clock, taken_at=taken_at
+                )
+                return claim, lease
+            if claim.outcome is ClaimOutcome.CHANGED and not followed:
+                # Someone wrote it since: if that was a claim, its owner may be dead.
+                followed = True
+                stored = await self._reload(grant.id)
+                if (
+                    stored is None
+                    or stored.intent_at is None
+                    or stored.intent_at == grant.intent_at
+                ):
+                    return claim, None
+                grant = stored
+                continue
+            if claim.outcome is ClaimOutcome.HELD and not surveyed and self.fleet is not None:
+                surveyed = True  # its holder may be a broker of this machine that just died
+                await self.fleet.survey()
+                continue
+            if claim.outcome is not ClaimOutcome.FULL or time.monotonic() > deadline:
+                return claim, None
+            await asyncio.sleep(ROOM_POLL_SECONDS)
 
     def _may_start(self, cached: Grant | None, seen: int) -> bool:
         """Whether a refresh asked for at version `seen` may go ahead with what is cached.
 
         Not when shutting down, deleted, changed since the caller looked (a rotation or a
-        back-off stored meanwhile: the caller decides again on what is there), without a
-        refresh token, or while its provider's gate is closed.
+        back-off stored meanwhile: the caller decides again on what is there), held off by
+        `exclusive`, without a refresh token, or while its provider's gate is closed.
         """
         if self._stopping or cached is None or cached.version != seen or cached.id in self._held:
             return False
@@ -474,49 +472,23 @@ class Refresher:
             return False
         return not self.gate(cached.provider).closed(time.monotonic())
 
-    async def _claim(self, grant: Grant) -> tuple[Grant, Lease] | None:
-        """Take the lease and record the intent; None when another owner or a newer write is
-        in the way."""
-        taken_at, now = time.monotonic(), self._clock()
-        claimed = await self._repository.claim(grant, self.owner, now, now + LEASE)
-        if claimed is None:
-            return None
-        lease = Lease(self._repository, claimed, self.owner, LEASE, self._clock, taken_at=taken_at)
-        return claimed, lease
-
-    async def _held_by_the_dead(self, grant: Grant) -> bool:
-        """After a lost claim: whether dead processes' leases were in the way (now broken);
-        the row as it stands is published either way."""
-        if not await self._break_dead_leases():
-            return False
-        stored = await self._repository.get_by_id(grant.id)
-        if stored is None:
-            return False
-        self._cache.put(stored)
-        return stored.state is GrantState.ACTIVE
-
-    async def _lost_claim(self, grant_id: str, seen: int) -> Grant | None:
-        """The claim failed: the row changed since, or another owner holds its lease."""
-        try:
-            stored = await self._repository.get_by_id(grant_id)
-        except StoreError:
-            return self._cache.by_id(grant_id)
-        if stored is None:
-            cached = self._cache.by_id(grant_id)
-            if cached is not None:
-                self._cache.drop(cached.provider, cached.user)
-            return None
-        self._cache.put(stored)
-        if stored.version == seen:
-            # Another owner's live lease: it announced nothing visible yet; its write will.
-            log.debug("refresh_held_elsewhere", grant=stored.name)
-        return self._cache.by_id(grant_id)
+    def _took_over(self, claim: Claim) -> None:
+        if claim.took_over is None or claim.grant is None:
+            return
+        self._metrics.lease_takeovers.labels(claim.grant.provider).inc()
+        log.warning(
+            "lease_takeover",
+            grant=claim.grant.name,
+            previous_owner=claim.took_over,
+            recovering=claim.grant.intent_at is not None,
+        )
 
     async def _run_claimed(self, attempt: Attempt) -> Grant | None:
         grant = attempt.grant
         self._sending.add(grant.id)
         self._cache.put(grant)  # the intent: callers wait for the new token from now on
         try:
+            await self.follower.announced(grant)
             result = await self._rotation.rotate(attempt)
         except asyncio.CancelledError:
             await self._release(grant)  # any open intent stays, for recovery
@@ -586,13 +558,17 @@ class Refresher:
             log.warning("refresh_not_started", grant=grant.name, error=str(exc))
 
     async def _reload(self, grant_id: str) -> Grant | None:
-        """The grant as the store holds it now, published."""
+        """The grant as the store holds it now, published (None: it is gone)."""
         try:
             grant = await self._repository.get_by_id(grant_id)
         except StoreError:
             return self._cache.by_id(grant_id)
-        if grant is not None:
-            self._cache.put(grant)
+        if grant is None:
+            cached = self._cache.by_id(grant_id)
+            if cached is not None:
+                self._cache.drop(cached.provider, cached.user)
+            return None
+        self._cache.put(grant)
         return self._cache.by_id(grant_id)
 
     async def _release(self, grant: Grant) -> None:

@@ -164,8 +164,9 @@ class Lease:
     async def renew(self) -> None:
         """Move the deadline a whole lease length ahead."""
         started = time.monotonic()
-        until = self._clock() + self._length
-        if not await self._repository.extend_lease(self._grant.id, self._owner, until):
+        if not await self._repository.extend_lease(
+            self._grant.id, self._owner, self._clock(), self._length
+        ):
             raise ConflictError(f"lost the lease on {self._grant.name}")
         self._deadline = started + self._length.total_seconds()
 

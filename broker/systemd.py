@@ -57,6 +57,10 @@ class Notifier:
         """A one-line status for `systemctl status`."""
         return self.send(f"STATUS={status}")
 
+    def extend_timeout(self, seconds: float, status: str) -> bool:
+        """Still starting (waiting for something): do not time the start-up out yet."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", f"STATUS={status}")
+
     def reloading(self) -> bool:
         """A reload begins; READY=1 ends it. MONOTONIC_USEC lets systemd 253+ match the two."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

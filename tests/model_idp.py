@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import math
 import secrets
-import socket
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -46,17 +44,22 @@ from broker.errors import (
     IdpUnreachable,
     IdTokenInvalid,
 )
+from broker.fleet import Fleet, dead_here, this_node
 from broker.grants import GrantService, Import
 from broker.idp.tokens import TokenResponse
 from broker.metrics import Metrics
 from broker.model import Grant, Secret
-from broker.refresher import Refresher, dead_here
+from broker.refresher import LEASE, Refresher
 from broker.schedule import RefreshPolicy
+from broker.store.nodes import NodeInfo, NodeRepository
 from broker.store.repository import GrantRepository
 
 PROVIDER = "p"
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 ACCESS_LIFETIME = 600  # seconds an access token of the model lives
+# Heartbeats do not run against a hand clock: only nodes marked stopped (found dead on this
+# machine by a live broker's survey) are dead in these tests.
+NODE_TIMEOUT = timedelta(days=365)
 RETRY_AFTER = 120  # seconds, sent with Fault.RATE_LIMITED
 
 
@@ -477,19 +480,35 @@ def provider_config(grace: timedelta = timedelta(0), *, rotates: bool = True) ->
     )
 
 
-@functools.cache
 def dead_pid() -> int:
-    """The pid of a process that ran on this host and has exited (and been reaped)."""
+    """The pid of a process that ran on this host and has exited (and been reaped); a new one
+    each time, as each crashed broker had its own."""
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
 
 
-def dead_owner() -> str:
-    """A lease owner naming a dead process on this host, as a crashed broker leaves behind."""
-    owner = f"{socket.gethostname()[:40]}/{dead_pid()}/{secrets.token_hex(4)}"
-    assert dead_here(owner), "the reaped child's pid is in use again"
-    return owner
+def dead_node() -> NodeInfo:
+    """A node of this machine whose process has exited, as a crashed broker leaves behind."""
+    node = replace(this_node(), pid=dead_pid())
+    assert dead_here(node, this_node()), "the reaped child's pid is in use again"
+    return node
+
+
+async def node_owner(repository: GrantRepository, **where: Any) -> str:
+    """The id of a node registered in the store as this machine's, changed by `where` (another
+    host, another pid, another container's pid namespace)."""
+    node = replace(this_node(), **where)
+    await NodeRepository(repository.engine, NODE_TIMEOUT).register(node, T0)
+    return node.id
+
+
+async def dead_owner(repository: GrantRepository) -> str:
+    """The id of a registered node whose process on this machine is gone (a lease owner that a
+    live broker may take over at once)."""
+    node = dead_node()
+    await NodeRepository(repository.engine, NODE_TIMEOUT).register(node, T0)
+    return node.id
 
 
 @dataclass
@@ -501,6 +520,8 @@ class Incarnation:
     service: GrantService
     cache: GrantCache
     metrics: Metrics
+    fleet: Fleet
+    joined: bool = False
 
     @classmethod
     def build(
@@ -511,7 +532,7 @@ class Incarnation:
         *,
         grace: timedelta = timedelta(0),
         rotates: bool = True,
-        owner: str | None = None,
+        node: NodeInfo | None = None,
         policy: RefreshPolicy | None = None,
         max_concurrency: int = 8,
         rand: Callable[[], float] = lambda: 0.5,
@@ -524,6 +545,12 @@ class Incarnation:
         policy = policy or RefreshPolicy()
         metrics = Metrics(providers)
         cache = GrantCache()
+        fleet = Fleet(
+            NodeRepository(repository.engine, NODE_TIMEOUT),
+            node or this_node(),
+            clock,
+            lease=LEASE,
+        )
         refresher = Refresher(
             repository,
             cache=cache,
@@ -534,8 +561,9 @@ class Incarnation:
             metrics=metrics,
             clock=clock,
             rand=rand,
-            owner=owner,
+            fleet=fleet,
         )
+        fleet.in_flight = refresher.in_flight
         service = GrantService(
             repository,
             providers,
@@ -546,15 +574,23 @@ class Incarnation:
             clock=clock,
             rand=rand,
         )
-        return cls(repository, refresher, service, cache, metrics)
+        return cls(repository, refresher, service, cache, metrics, fleet)
+
+    async def join(self) -> None:
+        """Register this broker's node in the store (once), as the daemon does at start."""
+        if not self.joined:
+            await self.fleet.join()
+            self.joined = True
 
     async def start(self) -> int:
-        """Load the store and recover interrupted refreshes, as the daemon starts."""
+        """Join, load the store and recover interrupted refreshes, as the daemon starts."""
+        await self.join()
         await self.service.load()
         return await self.refresher.recover()
 
     async def login(self, idp: ModelIdp, user: str, now: datetime) -> Grant:
         """Store a new grant for `user` from a fresh token family at the model."""
+        await self.join()
         tokens = idp.login()
         assert tokens.refresh_token is not None
         await self.service.import_grant(

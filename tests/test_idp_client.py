@@ -370,6 +370,7 @@ async def test_explicit_config_endpoints_override_discovery(
     """Endpoints set in the config win over what discovery says."""
     idp.serve_oidc()
     idp.answer("/custom/token", {"access_token": "at-custom"})
+    idp.answer("/custom/jwks", _jwks(KEY_A))
     client = oidc_client(
         idp,
         session,
@@ -383,10 +384,12 @@ async def test_explicit_config_endpoints_override_discovery(
     assert metadata.revocation_endpoint == idp.url("/custom/revoke")
     assert metadata.jwks_uri == idp.url("/custom/jwks")
     assert metadata.authorization_endpoint == idp.url("/o/authorize/")
-    await client.prepare()
+    await client.prepare()  # an OpenID provider: its keys come from the configured jwks_uri
     await client.refresh(Secret("rt-x"))
     assert idp.hits("/custom/token") == 1
     assert idp.hits("/o/token/") == 0
+    assert idp.hits("/custom/jwks") == 1
+    assert idp.hits(JWKS_PATH) == 0
 
 
 async def test_plain_oauth_provider_uses_explicit_endpoints_without_any_http(
@@ -522,17 +525,18 @@ async def test_a_failed_first_discovery_is_not_repeated_by_every_caller(
     assert idp.hits("/o/.well-known/openid-configuration") == 2
 
 
-async def test_prepare_fetches_the_keys_only_where_the_access_token_comes_from_an_id_token(
+async def test_prepare_fetches_the_keys_only_for_an_openid_provider(
     idp: FakeIdP, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """An ID-token-claim provider needs its keys to use a refresh's answer, so they are fetched
-    before the token leaves; a plain one needs none."""
+    """An OpenID provider's refresh returns an ID token that is checked (and for some carries
+    the access token), so its keys are fetched before the token leaves, once; a plain OAuth
+    provider needs none."""
     idp.serve_oidc()
-    await oidc_client(idp, session, tmp_path).prepare()
+    await oidc_client(idp, session, tmp_path, scopes=["FGO"]).prepare()
     assert idp.hits(JWKS_PATH) == 0
-    claim = oidc_client(idp, session, tmp_path, access_token_from="id_token_claim:pm")
-    await claim.prepare()
-    await claim.prepare()
+    oidc = oidc_client(idp, session, tmp_path)
+    await oidc.prepare()
+    await oidc.prepare()
     assert idp.hits(JWKS_PATH) == 1
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -25,7 +25,9 @@ from broker.model import Grant, GrantState, GrantSummary, Secret, TokenSet
 from broker.refresher import LEASE
 from broker.schedule import ROTATION_LOST, RefreshPolicy, backoff
 from broker.store.engine import create_engine
+from broker.store.nodes import NodeInfo
 from broker.store.repository import DueGrant, GrantRepository
+from broker.store.rotations import Claim, ClaimOutcome
 from broker.tasks import Tasks
 from tests.model_idp import (
     ACCESS_LIFETIME,
@@ -36,7 +38,9 @@ from tests.model_idp import (
     Incarnation,
     Killed,
     ModelIdp,
+    dead_node,
     dead_owner,
+    node_owner,
 )
 
 GRACE = timedelta(seconds=30)
@@ -53,12 +57,12 @@ def broker(
     idp: ModelIdp,
     clock: HandClock,
     *,
-    owner: str | None = None,
+    node: NodeInfo | None = None,
     max_concurrency: int = 8,
 ) -> Incarnation:
     """A broker process over `repo`, talking to `idp`, with the IdP's grace configured."""
     return Incarnation.build(
-        repo, idp, clock, grace=idp.grace, owner=owner, max_concurrency=max_concurrency
+        repo, idp, clock, grace=idp.grace, node=node, max_concurrency=max_concurrency
     )
 
 
@@ -221,23 +225,27 @@ async def test_an_owner_arriving_just_after_the_winner_commits_does_not_refresh_
     assert idp.violations == []
 
 
-@pytest.mark.parametrize(
-    "owner",
-    [
-        "elsewhere.example/4242/0badcafe",  # another host: its liveness cannot be checked
-        f"{socket.gethostname()[:40]}/{os.getppid()}/0badcafe",  # a live process on this host
-    ],
-    ids=["other-host", "live-pid-here"],
-)
+OTHER_OWNERS: dict[str, dict[str, Any]] = {
+    # The same host name and pid in another container, or on another host: not judged by pid.
+    "same-name-other-container": {"pid_namespace": "pid:[4026531000]", "pid": 999_999},
+    "same-name-other-boot": {"boot_id": "00000000-0000-0000-0000-000000000000", "pid": 999_999},
+    "other-host": {"hostname": "elsewhere.example", "pid": 4242},
+    "live-pid-here": {"pid": os.getppid()},
+}
+
+
+@pytest.mark.parametrize("where", OTHER_OWNERS.values(), ids=OTHER_OWNERS)
 async def test_a_live_lease_of_another_owner_blocks_the_refresh(
-    repo: GrantRepository, idp: ModelIdp, clock: HandClock, owner: str
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock, where: dict[str, Any]
 ) -> None:
-    """A lease held by a live owner is neither broken nor overridden until it expires, and a
-    refresh asked for meanwhile sends nothing and holds no slot (1)."""
+    """A lease held by a live owner (or one whose pid cannot be judged from here: hostnames and
+    pids repeat across containers) is neither broken nor overridden until it expires, and a
+    refresh asked for meanwhile sends nothing and holds no slot (1, 9)."""
     b = broker(repo, idp, clock)
     grant = await b.login(idp, "alice", clock())
     clock.advance(DUE)
-    assert await repo.take_lease(grant.id, owner, clock(), clock() + LEASE)
+    owner = await node_owner(repo, **where)
+    assert await repo.take_lease(grant.id, owner, clock(), LEASE)
     await b.refresher.recover()
     assert await repo.lease_owners() == {owner}
     assert await repo.due(clock(), 10, [PROVIDER]) == []
@@ -259,8 +267,8 @@ async def test_recover_breaks_the_lease_of_a_dead_process_on_this_host(
     b = broker(repo, idp, clock)
     grant = await b.login(idp, "alice", clock())
     clock.advance(DUE)
-    dead = dead_owner()
-    assert await repo.take_lease(grant.id, dead, clock(), clock() + LEASE)
+    dead = await dead_owner(repo)
+    assert await repo.take_lease(grant.id, dead, clock(), LEASE)
     assert await b.refresher.recover() == 0  # no intent: nothing to finish
     assert await repo.lease_owners() == set()
     refreshed = await b.refresher.refresh(grant)
@@ -277,15 +285,15 @@ async def test_due_lists_grants_with_an_open_intent_once_their_lease_is_gone(
     assert grant.next_refresh_at is not None
     assert grant.next_refresh_at > clock()
     assert await repo.due(clock(), 10, [PROVIDER]) == []
-    dead = dead_owner()
-    claimed = await repo.claim(grant, dead, clock(), clock() + LEASE)
-    assert claimed is not None
+    dead = await dead_owner(repo)
+    claimed = await repo.claim(grant, dead, clock(), LEASE)
+    assert claimed.outcome is ClaimOutcome.CLAIMED
     assert await repo.due(clock(), 10, [PROVIDER]) == []  # the lease still looks live
     expired = clock() + LEASE + timedelta(seconds=1)
     assert await repo.due(expired, 10, [PROVIDER]) == [
         DueGrant(grant.id, PROVIDER, grant.next_refresh_at)
     ]
-    assert await repo.break_leases({dead}) == 1
+    await b.fleet.survey()  # finds the dead node on this machine and marks it stopped
     assert [due.id for due in await repo.due(clock(), 10, [PROVIDER])] == [grant.id]
     assert (await b.stored("alice")).intent_at == clock()
 
@@ -377,9 +385,17 @@ class SlowIntentRepository(GrantRepository):
         super().__init__(engine, keyring)
         self.clock = clock
 
-    async def claim(self, grant: Grant, owner: str, now: datetime, until: datetime) -> Grant | None:
+    async def claim(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int | None = None,
+    ) -> Claim:
         """Write the lease and the intent; the commit takes 20 s."""
-        claimed = await super().claim(grant, owner, now, until)
+        claimed = await super().claim(grant, owner, now, lease, capacity=capacity)
         self.clock.advance(20)
         return claimed
 
@@ -586,7 +602,7 @@ async def kill_mid_refresh(
     repo: GrantRepository, idp: ModelIdp, clock: HandClock, fault: Fault
 ) -> Grant:
     """Log in, come due, and die during the refresh; the grant as the store keeps it."""
-    dead = broker(repo, idp, clock, owner=dead_owner())
+    dead = broker(repo, idp, clock, node=dead_node())
     grant = await dead.login(idp, "alice", clock())
     clock.advance(DUE)
     idp.fail_next(fault)
@@ -693,7 +709,7 @@ async def test_a_running_broker_finishes_the_refresh_of_a_sibling_that_died_on_t
     other_engine = create_engine(f"sqlite:///{db_path}")
     try:
         survivor = broker(repo, idp, clock)
-        dead = broker(GrantRepository(other_engine, keyring), idp, clock, owner=dead_owner())
+        dead = broker(GrantRepository(other_engine, keyring), idp, clock, node=dead_node())
         await survivor.login(idp, "alice", clock())
         await dead.start()
         clock.advance(DUE)

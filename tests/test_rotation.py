@@ -25,6 +25,7 @@ from broker.live import LiveMap
 from broker.model import Grant, GrantState
 from broker.schedule import ROTATION_LOST
 from broker.store.repository import GrantRepository
+from broker.store.rotations import Claim
 from broker.tasks import Tasks
 from tests.model_idp import (
     PROVIDER,
@@ -66,10 +67,21 @@ class FailingRepository(GrantRepository):
             raise StoreUnavailable("the database did not complete the operation (injected)")
         return result
 
-    async def claim(self, grant: Grant, owner: str, now: datetime, until: datetime) -> Grant | None:
+    async def claim(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int | None = None,
+    ) -> Claim:
         """Claim, or fail as told."""
-        result: Grant | None = await self._faulty(
-            "claim", lambda: super(FailingRepository, self).claim(grant, owner, now, until)
+        result: Claim = await self._faulty(
+            "claim",
+            lambda: super(FailingRepository, self).claim(
+                grant, owner, now, lease, capacity=capacity
+            ),
         )
         return result
 

@@ -67,6 +67,7 @@ from broker.schedule import ROTATION_LOST, replay_delay
 from broker.store.engine import create_engine
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository
+from broker.store.rotations import Claim, ClaimOutcome
 from tests.model_idp import (
     PROVIDER,
     RETRY_AFTER,
@@ -77,7 +78,7 @@ from tests.model_idp import (
     Incarnation,
     Killed,
     ModelIdp,
-    dead_owner,
+    dead_node,
 )
 
 T = TypeVar("T")
@@ -124,10 +125,18 @@ class KillableRepository(GrantRepository):
             self.kill_at = None
             raise Killed
 
-    async def claim(self, grant: Grant, owner: str, now: datetime, until: datetime) -> Grant | None:
+    async def claim(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int | None = None,
+    ) -> Claim:
         """Claim (lease and intent), then perhaps die before sending."""
-        claimed = await super().claim(grant, owner, now, until)
-        if claimed is not None:
+        claimed = await super().claim(grant, owner, now, lease, capacity=capacity)
+        if claimed.outcome is ClaimOutcome.CLAIMED:
             self._maybe_die("after_claim")
         return claimed
 
@@ -231,7 +240,7 @@ class RotationMachine(RuleBasedStateMachine):
             self.idp,
             self.clock,
             grace=self.idp.grace,
-            owner=dead_owner(),
+            node=dead_node(),
             rand=self.rand.random,
         )
         self.incarnations.append(self.broker)

@@ -51,11 +51,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Migrate the store to the newest schema."""
-    from broker.store.engine import create_engine
+    from broker.store.engine import store_engine
     from broker.store.migrate import upgrade
 
     async def run() -> tuple[str | None, str | None]:
-        engine = create_engine(load(args).store.url)
+        engine = store_engine(load(args).store)
         try:
             return await upgrade(engine)
         finally:
@@ -87,7 +87,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     """Add a primary key and re-encrypt every grant with it."""
     from broker.crypto import load_keyring, write_keyring
-    from broker.store.engine import create_engine
+    from broker.store.engine import store_engine
     from broker.store.migrate import require_current
     from broker.store.repository import GrantRepository
 
@@ -96,7 +96,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         keyring = load_keyring(path)
-        engine = create_engine(config.store.url)
+        engine = store_engine(config.store)
         try:
             await require_current(engine)
             repository = GrantRepository(engine, keyring)
@@ -134,7 +134,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_status(args: argparse.Namespace) -> int:
     """Show which key seals how many grants."""
     from broker.crypto import load_keyring
-    from broker.store.engine import create_engine
+    from broker.store.engine import store_engine
     from broker.store.migrate import require_current
     from broker.store.repository import GrantRepository
 
@@ -142,7 +142,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     keyring = load_keyring(_key_file(args))
 
     async def run() -> dict[str | None, int]:
-        engine = create_engine(config.store.url)
+        engine = store_engine(config.store)
         try:
             await require_current(engine)
             usage = await GrantRepository(engine, keyring).key_usage()

@@ -10,16 +10,20 @@ Writes begin IMMEDIATE on SQLite (see broker.store.engine).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, Interval, func, literal, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.errors import StoreError, StoreUnavailable
 from broker.store.engine import writer
-from broker.store.tables import grant_changes
+from broker.store.tables import UTCDateTime, grant_changes
+
+# The PostgreSQL channel every grant change is announced on; payload "GRANT_ID VERSION".
+CHANNEL = "token_broker_grants"
 
 # The driver's own words are kept only for errors about the connection or a lock, which name
 # no values ("database is locked", "connection was closed in the middle of operation").
@@ -27,16 +31,46 @@ _REASON_CHARS = 160
 
 
 class Database:
-    """One engine, its writer twin, and error translation for both."""
+    """One engine, its writer twin, error translation for both, and the store's clock.
+
+    Time in statements (ROTATION.md invariant 9): on PostgreSQL, leases, intents, heartbeats and
+    change stamps are the database server's `clock_timestamp()`, whatever the caller's clock
+    says, so the brokers of a fleet agree on them however their own clocks drift. SQLite lives
+    on one host, whose clock every process shares; there the caller's `now` is used.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._writer = writer(engine)
+        self.server_clock = engine.dialect.name == "postgresql"
 
     @property
     def dialect(self) -> str:
         """`sqlite` or `postgresql`."""
         return str(self.engine.dialect.name)
+
+    def now(self, now: datetime) -> ColumnElement[datetime]:
+        """The store's "now" in a statement: the server's clock, or `now` on SQLite."""
+        if self.server_clock:
+            return func.clock_timestamp()
+        return literal(now, UTCDateTime)
+
+    def shifted(self, now: datetime, delta: timedelta) -> ColumnElement[datetime]:
+        """The store's "now" plus `delta` (negative: minus) in a statement."""
+        if self.server_clock:
+            return func.clock_timestamp() + literal(delta, Interval)
+        return literal(now + delta, UTCDateTime)
+
+    async def notify(self, conn: AsyncConnection, payloads: Iterable[str]) -> None:
+        """Announce changes to the other brokers (PostgreSQL NOTIFY, delivered at commit).
+
+        A payload names a grant and a version, never a token. On SQLite the others follow the
+        change sequence by polling, and this does nothing.
+        """
+        if not self.server_clock:
+            return
+        for payload in payloads:
+            await conn.execute(select(func.pg_notify(CHANNEL, payload)))
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

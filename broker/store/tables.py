@@ -98,6 +98,7 @@ grants = Table(
     Index(None, "key_id"),
     Index(None, "updated_at"),
     Index(None, "version"),
+    Index(None, "lease_owner"),
 )
 
 # One row (id 1): the last value of the change sequence. A write takes its values with
@@ -140,4 +141,20 @@ logins = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
     Index(None, "expires_at"),
+)
+
+# The brokers sharing the store (migration 0005): a random id made at start, where it runs, and
+# a heartbeat stamped with the database server's clock. Leases name these ids.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("boot_id", String(64), nullable=False),
+    Column("pid_namespace", String(64), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("stopped_at", UTCDateTime, nullable=True),
 )

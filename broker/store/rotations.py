@@ -1,0 +1,428 @@
+"""The refresher's SQL: leases, intents, and the compare-and-swap writes of a refresh's outcome.
+
+A refresh owns its grant through a lease. `claim` takes it by compare-and-swap, only when no
+live lease of another owner exists and the row is still the version the caller holds, and in
+the same write records the intent to send: a claim is the announcement (to other brokers too,
+through the change sequence and NOTIFY) that a refresh token is about to leave. The outcome is
+stored by `commit_refresh` (new tokens, fenced by the generation) or `settle` (no new tokens,
+fenced by the generation and the lease). Each carries a write id, so a retry after a failure
+whose fate is unknown can tell that its own write landed (`written_by`).
+
+A lease is live while it has not expired and its owner is not dead: a node that is marked
+stopped, or (with `node_timeout` set) whose heartbeat is older than that, holds nothing. Lease
+times, intents and stamps come from the store's clock (`Database.now`). At most
+`capacity` leases of one provider are live at once across every broker on the store: claims of a
+provider are serialized (a transaction-scoped advisory lock on PostgreSQL; SQLite serializes
+every write) and count the live leases first.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, func, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.errors import ConflictError
+from broker.model import Grant, GrantState
+from broker.store.rows import GrantRows
+from broker.store.session import Database, take_versions
+from broker.store.tables import grants, nodes
+
+
+class ClaimOutcome(enum.StrEnum):
+    """Why a claim did or did not take the lease."""
+
+    CLAIMED = "claimed"
+    CHANGED = "changed"  # the row is no longer the version the caller holds (or is gone)
+    HELD = "held"  # another owner holds a live lease
+    FULL = "full"  # the provider has `capacity` refreshes in flight already
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim did: the claimed grant when it did, and whose lease it took over."""
+
+    outcome: ClaimOutcome
+    grant: Grant | None = None
+    took_over: str | None = None  # the dead owner whose lease it replaced
+    recovering: bool = False  # an intent was open already: an earlier outcome is unknown
+
+
+def notice(grant_id: str, version: int, deleted: bool = False) -> str:
+    """The NOTIFY payload announcing a write: a grant and a version, never a token."""
+    return f"{grant_id} {version}{' deleted' if deleted else ''}"
+
+
+class RotationWrites:
+    """The refresher's reads and writes; mixed into GrantRepository, which provides the rest."""
+
+    _db: Database
+    _rows: GrantRows
+    # A node whose heartbeat is older than this is dead; None: only stopped nodes are.
+    node_timeout: timedelta | None = None
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def _dead_nodes(self, now: datetime) -> Select[tuple[str]]:
+        dead: list[ColumnElement[bool]] = [nodes.c.stopped_at.is_not(None)]
+        if self.node_timeout is not None:
+            dead.append(nodes.c.heartbeat_at < self._db.shifted(now, -self.node_timeout))
+        return select(nodes.c.id).where(or_(*dead))
+
+    def lease_free_for(self, owner: str | None, now: datetime) -> ColumnElement[bool]:
+        """Whether `owner` (None: anyone) may take a grant's lease now: nobody holds it, it has
+        expired, its owner is dead, or `owner` holds it already."""
+        free: list[ColumnElement[bool]] = [
+            grants.c.lease_owner.is_(None),
+            grants.c.lease_expires_at < self._db.now(now),
+            grants.c.lease_owner.in_(self._dead_nodes(now)),
+        ]
+        if owner is not None:
+            free.append(grants.c.lease_owner == owner)
+        return or_(*free)
+
+    async def _room(
+        self, conn: AsyncConnection, provider: str, now: datetime, capacity: int
+    ) -> int:
+        """How many more refreshes of `provider` may start now, fleet-wide; serializes the
+        provider's claims until the transaction ends."""
+        if self._db.server_clock:
+            key = zlib.crc32(f"token-broker claims {provider}".encode())
+            await conn.execute(select(func.pg_advisory_xact_lock(key)))
+        live = (
+            await conn.execute(
+                select(func.count())
+                .select_from(grants)
+                .where(
+                    grants.c.provider == provider,
+                    grants.c.lease_owner.is_not(None),
+                    ~self.lease_free_for(None, now),
+                )
+            )
+        ).scalar_one()
+        return max(0, capacity - int(live))
+
+    # -- claims --------------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int | None = None,
+    ) -> Claim:
+        """Take the lease on `grant` and record the intent to send its refresh token.
+
+        Only while the row is still the version `grant` was read at (so the refresh token about
+        to be sent is the stored one), is active, has no live lease of another owner, and (with
+        `capacity`) fewer than `capacity` refreshes of its provider are in flight. An intent
+        left by an earlier owner (a refresh whose outcome is unknown) is kept, not renewed: the
+        provider's grace is counted from it.
+        """
+        async with self._db.write() as conn:
+            current = (
+                await conn.execute(
+                    _locked(
+                        self._db,
+                        select(
+                            grants.c.version,
+                            grants.c.state,
+                            grants.c.lease_owner,
+                            grants.c.intent_at,
+                            self.lease_free_for(owner, now).label("free"),
+                        ).where(grants.c.id == grant.id),
+                    )
+                )
+            ).first()
+            if current is None or current.version != grant.version:
+                return Claim(ClaimOutcome.CHANGED)
+            if current.state != GrantState.ACTIVE.value or not current.free:
+                return Claim(ClaimOutcome.HELD)
+            if (
+                capacity is not None
+                and current.lease_owner != owner
+                and await self._room(conn, grant.provider, now, capacity) < 1
+            ):
+                return Claim(ClaimOutcome.FULL)
+            claimed = await self._take(conn, grant, owner, now, lease)
+        took_over = current.lease_owner if current.lease_owner not in (None, owner) else None
+        return Claim(ClaimOutcome.CLAIMED, claimed, took_over, current.intent_at is not None)
+
+    async def claim_due(
+        self,
+        provider: str,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int,
+        limit: int,
+        skip: frozenset[str] = frozenset(),
+    ) -> list[Claim]:
+        """Claim up to `limit` of `provider`'s due grants at once, within its fleet-wide
+        capacity; rows another broker is claiming at this moment are skipped, not waited for.
+
+        Due: the refresh time has come, or an intent is open (an unknown outcome to recover).
+        The grants are read from the store, so the tokens sent are the stored ones.
+        """
+        async with self._db.write() as conn:
+            room = min(limit, await self._room(conn, provider, now, capacity))
+            if room < 1:
+                return []
+            query = _locked(
+                self._db,
+                select(grants)
+                .where(
+                    grants.c.provider == provider,
+                    grants.c.state == GrantState.ACTIVE.value,
+                    or_(
+                        grants.c.next_refresh_at <= self._db.now(now),
+                        grants.c.intent_at.is_not(None),
+                    ),
+                    self.lease_free_for(owner, now),
+                    grants.c.id.not_in(list(skip)) if skip else true(),
+                )
+                .order_by(grants.c.next_refresh_at)
+                .limit(room),
+                skip_locked=True,
+            )
+            rows = (await conn.execute(query)).all()
+            claims = []
+            for row in rows:
+                grant = self._rows.open(row)
+                claimed = await self._take(conn, grant, owner, now, lease)
+                took_over = row.lease_owner if row.lease_owner not in (None, owner) else None
+                recovering = row.intent_at is not None
+                claims.append(Claim(ClaimOutcome.CLAIMED, claimed, took_over, recovering))
+        return claims
+
+    async def _take(
+        self, conn: AsyncConnection, grant: Grant, owner: str, now: datetime, lease: timedelta
+    ) -> Grant:
+        version = await take_versions(conn)
+        result = await conn.execute(
+            update(grants)
+            .where(grants.c.id == grant.id)
+            .values(
+                lease_owner=owner,
+                lease_expires_at=self._db.shifted(now, lease),
+                intent_at=func.coalesce(grants.c.intent_at, self._db.now(now)),
+                updated_at=self._db.now(now),
+                version=version,
+            )
+            .returning(grants.c.intent_at, grants.c.updated_at)
+        )
+        stamps = result.one()
+        await self._db.notify(conn, [notice(grant.id, version)])
+        return replace(
+            grant, intent_at=stamps.intent_at, updated_at=stamps.updated_at, version=version
+        )
+
+    async def take_lease(self, grant_id: str, owner: str, now: datetime, lease: timedelta) -> bool:
+        """Take the lease on a grant without any intent (to change it outside a refresh, such
+        as revoking it); False when another owner holds a live one."""
+        async with self._db.write() as conn:
+            result = await conn.execute(
+                update(grants)
+                .where(grants.c.id == grant_id, self.lease_free_for(owner, now))
+                .values(lease_owner=owner, lease_expires_at=self._db.shifted(now, lease))
+            )
+        return bool(result.rowcount == 1)
+
+    async def extend_lease(
+        self, grant_id: str, owner: str, now: datetime, lease: timedelta
+    ) -> bool:
+        """Move this owner's lease deadline `lease` ahead; False when it no longer holds it."""
+        return await self.renew_leases(owner, [grant_id], now, lease) == 1
+
+    async def renew_leases(
+        self, owner: str, grant_ids: list[str], now: datetime, lease: timedelta
+    ) -> int:
+        """Move the deadline of each of these leases `owner` holds `lease` ahead; how many."""
+        if not grant_ids:
+            return 0
+        async with self._db.write() as conn:
+            result = await conn.execute(
+                update(grants)
+                .where(grants.c.id.in_(grant_ids), grants.c.lease_owner == owner)
+                .values(lease_expires_at=self._db.shifted(now, lease))
+            )
+        return int(result.rowcount)
+
+    async def release(self, grant_id: str, owner: str) -> None:
+        """Give up a lease without changing anything else (an intent stays for recovery)."""
+        async with self._db.write() as conn:
+            await conn.execute(
+                update(grants)
+                .where(grants.c.id == grant_id, grants.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    async def recoverable(self, now: datetime, limit: int) -> list[str]:
+        """Grants whose refresh outcome is unknown and whose owner is gone (dead, or its lease
+        expired): the ones a live broker should recover now."""
+        query = (
+            select(grants.c.id)
+            .where(
+                grants.c.lease_owner.is_not(None),
+                grants.c.intent_at.is_not(None),
+                grants.c.state == GrantState.ACTIVE.value,
+                self.lease_free_for(None, now),
+            )
+            .limit(limit)
+        )
+        async with self._db.read() as conn:
+            return list((await conn.execute(query)).scalars().all())
+
+    async def lease_owners(self) -> set[str]:
+        """Everyone holding a lease right now (live or not)."""
+        query = select(grants.c.lease_owner).where(grants.c.lease_owner.is_not(None)).distinct()
+        async with self._db.read() as conn:
+            return {str(owner) for owner in (await conn.execute(query)).scalars().all()}
+
+    async def lease_held(self, grant_id: str, now: datetime) -> bool:
+        """Whether someone holds a live lease on this grant."""
+        query = select(grants.c.id).where(
+            grants.c.id == grant_id,
+            grants.c.lease_owner.is_not(None),
+            ~self.lease_free_for(None, now),
+        )
+        async with self._db.read() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    async def commit_refresh(
+        self, grant: Grant, expected_generation: int, write_id: str, now: datetime
+    ) -> Grant:
+        """Store a successful refresh: new tokens, generation + 1, intent and lease cleared.
+
+        Fenced by the generation alone: new tokens from the provider are the truth about the
+        grant, so they land even over a lease another owner took meanwhile, unless someone
+        stored a newer generation (then ConflictError).
+        """
+        new = replace(grant, generation=expected_generation + 1, intent_at=None)
+        values = {**self._rows.plain(new), **self._rows.sealed(new)}
+        for fixed in ("id", "created_at", "version", "updated_at"):
+            values.pop(fixed)
+        async with self._db.write() as conn:
+            version = await take_versions(conn)
+            result = await conn.execute(
+                update(grants)
+                .where(grants.c.id == grant.id, grants.c.generation == expected_generation)
+                .values(
+                    **values,
+                    updated_at=self._db.now(now),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    last_write=write_id,
+                    version=version,
+                )
+                .returning(grants.c.updated_at)
+            )
+            stamp = result.first()
+            if stamp is None:
+                raise ConflictError(
+                    f"grant {grant.name} is no longer at generation {expected_generation}"
+                )
+            await self._db.notify(conn, [notice(grant.id, version)])
+        return replace(new, key_id=values["key_id"], version=version, updated_at=stamp.updated_at)
+
+    async def settle(
+        self,
+        grant: Grant,
+        owner: str,
+        now: datetime,
+        *,
+        state: GrantState,
+        last_error: str | None,
+        next_refresh_at: datetime | None,
+        refresh_failures: int,
+        write_id: str,
+        keep_intent: bool = False,
+    ) -> Grant:
+        """Store a refresh that produced no tokens; the tokens themselves stay untouched.
+
+        `keep_intent` leaves the intent in place: the outcome is still unknown, and whoever
+        claims the grant next carries on recovering it. Fenced by the generation and the lease.
+        """
+        intent = grant.intent_at if keep_intent else None
+        changes: dict[str, Any] = {
+            "state": state.value,
+            "last_error": last_error,
+            "next_refresh_at": next_refresh_at,
+            "refresh_failures": refresh_failures,
+            "intent_at": intent,
+            "updated_at": self._db.now(now),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "last_write": write_id,
+        }
+        async with self._db.write() as conn:
+            version = await take_versions(conn)
+            result = await conn.execute(
+                update(grants)
+                .where(
+                    grants.c.id == grant.id,
+                    grants.c.generation == grant.generation,
+                    grants.c.lease_owner == owner,
+                )
+                .values(**changes, version=version)
+                .returning(grants.c.updated_at)
+            )
+            stamp = result.first()
+            if stamp is None:
+                raise ConflictError(
+                    f"grant {grant.name} is no longer at generation {grant.generation} "
+                    "under this lease"
+                )
+            await self._db.notify(conn, [notice(grant.id, version)])
+        return replace(
+            grant,
+            state=state,
+            last_error=last_error,
+            next_refresh_at=next_refresh_at,
+            refresh_failures=refresh_failures,
+            intent_at=intent,
+            updated_at=stamp.updated_at,
+            version=version,
+        )
+
+    async def written_by(self, grant_id: str, write_id: str) -> Grant | None:
+        """The grant as stored if its last write is the one with `write_id`, else None."""
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(grants).where(grants.c.id == grant_id, grants.c.last_write == write_id)
+                )
+            ).first()
+        return None if row is None else self._rows.open(row)
+
+    async def changed_elsewhere(self, grant_id: str, generation: int, now: datetime) -> bool:
+        """Whether the row moved past `generation`, or an owner with a live lease has sent
+        (or is about to send) its refresh token; a missing row counts as changed."""
+        query = select(
+            grants.c.generation,
+            grants.c.intent_at,
+            grants.c.lease_owner.is_not(None) & ~self.lease_free_for(None, now),
+        ).where(grants.c.id == grant_id)
+        async with self._db.read() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None or row[0] != generation:
+            return True
+        return bool(row[2]) and row[1] is not None
+
+
+def _locked(db: Database, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
+    """`query` locking the rows it reads until the transaction ends (PostgreSQL; SQLite's
+    write transactions hold the whole database already)."""
+    if not db.server_clock:
+        return query
+    return query.with_for_update(skip_locked=skip_locked, of=grants)
