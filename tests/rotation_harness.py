@@ -134,7 +134,7 @@ callback = {json.dumps(callback)}
 metrics = "127.0.0.1:{self.metrics_port}"
 
 [store]
-url = {json.dumps(f"sqlite:///{installation.db}")}
+url = {json.dumps(installation.store_url)}
 key_file = {json.dumps(str(installation.key_file))}
 
 {refresh.toml()}
@@ -163,14 +163,15 @@ refresh_grace = {json.dumps(refresh_grace)}
     def socket(self) -> Path:
         return self.home.socket
 
-    def start(self) -> None:
-        """Start a new incarnation (its own log file) and wait until /healthz answers."""
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        """Start a new incarnation (its own log file; `env` added to its environment, such as
+        a fake clock's) and wait until /healthz answers."""
         index = len(self.incarnations)
         daemon = DaemonProcess(
             self.home,
             self.log_dir,
             name=f"{self.name}-{index:02d}",
-            env={"TOKEN_BROKER_LOG_LEVEL": "info"},
+            env={"TOKEN_BROKER_LOG_LEVEL": "info", **(env or {})},
         )
         self.incarnations.append(daemon)
         daemon.start()
@@ -272,11 +273,14 @@ refresh_grace = {json.dumps(refresh_grace)}
 class Installation:
     """One store and keyring; brokers on it share both (configs differ in socket and ports)."""
 
-    def __init__(self, root: Path, idp: DjangoIdP, log_dir: Path) -> None:
+    def __init__(
+        self, root: Path, idp: DjangoIdP, log_dir: Path, store_url: str | None = None
+    ) -> None:
         self.root = root
         self.idp = idp
         self.log_dir = log_dir
         self.db = root / "broker.db"
+        self.store_url = store_url or f"sqlite:///{self.db}"
         self.key_file = root / "keys"
         Home(root).generate_keys()
         self.brokers: list[BrokerProcess] = []
@@ -314,9 +318,9 @@ class Installation:
 
     async def remember_stored_secrets(self) -> int:
         """Add every token the store holds now to the session's leak scan; how many."""
-        if not self.db.exists():
+        if self.store_url.startswith("sqlite") and not self.db.exists():
             return 0
-        engine = create_engine(f"sqlite:///{self.db}")
+        engine = create_engine(self.store_url)
         try:
             grants = await GrantRepository(engine, load_keyring(self.key_file)).all()
         finally:
@@ -335,10 +339,13 @@ class Installation:
 
 
 @contextlib.asynccontextmanager
-async def installation(idp: DjangoIdP, log_dir: Path) -> AsyncIterator[Installation]:
-    """An installation; every broker still running at the end gets SIGTERM and must exit 0."""
+async def installation(
+    idp: DjangoIdP, log_dir: Path, store_url: str | None = None
+) -> AsyncIterator[Installation]:
+    """An installation (a SQLite file unless `store_url` names another store); every broker
+    still running at the end gets SIGTERM and must exit 0."""
     root = Path(tempfile.mkdtemp(prefix="tb-rot-"))
-    inst = Installation(root, idp, log_dir)
+    inst = Installation(root, idp, log_dir, store_url)
     failures: list[str] = []
     try:
         yield inst
