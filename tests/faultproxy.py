@@ -34,6 +34,14 @@ A request the upstream cannot be reached for is answered 502, as a gateway would
 Observability: `proxy.counts[route]` (seen, forwarded, faulted, upstream_errors), and
 `proxy.applied`, every fault taken, in order. `proxy.disarm()` clears all of it, releases
 held answers and ends a refusal window.
+
+In front of the test IdP, the `proxied_idp_factory` fixture starts the proxy first, then the
+IdP with its issuer pinned to the proxy's origin, then points the proxy at the IdP: discovery,
+JWKS, login pages, token, introspection and revocation requests of anything configured with
+`idp.issuer` all pass through the proxy, and ID tokens name the proxy as `iss`.
+
+The proxy runs on the test's event loop: a test that blocks the loop (a synchronous wait for a
+daemon that is calling the IdP) blocks the proxy too; run such waits with asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -44,16 +52,20 @@ import ipaddress
 import socket
 import struct
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from broker.tasks import Tasks
+from tests.idp.fixture import DjangoIdP, DjangoIdPFactory
 
 HOST = "127.0.0.1"
 HOLD_LIMIT = 30.0  # seconds a HOLD waits for release() before answering by itself
@@ -569,3 +581,28 @@ def _validate(armed: Armed) -> None:
         raise ValueError("retry_after= goes with a status answer only")
     if armed.forward and armed.status is None:
         raise ValueError("forward=True goes with a status answer only (the others forward)")
+
+
+class ProxiedIdPFactory(Protocol):
+    """What `proxied_idp_factory` yields: `django_idp_factory`'s options, without `issuer`."""
+
+    async def __call__(self, **options: Any) -> tuple[FaultProxy, DjangoIdP]: ...
+
+
+@pytest.fixture
+async def proxied_idp_factory(
+    django_idp_factory: DjangoIdPFactory,
+) -> AsyncIterator[ProxiedIdPFactory]:
+    """Start (proxy, IdP) pairs whose issuer is the proxy; every proxy stops at the end."""
+    proxies: list[FaultProxy] = []
+
+    async def start(**options: Any) -> tuple[FaultProxy, DjangoIdP]:
+        proxy = await FaultProxy().start()
+        proxies.append(proxy)
+        idp = await asyncio.to_thread(django_idp_factory, issuer=f"{proxy.url}/o", **options)
+        proxy.upstream = idp.url
+        return proxy, idp
+
+    yield start
+    for proxy in reversed(proxies):
+        await proxy.stop()
