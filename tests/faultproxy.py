@@ -180,11 +180,11 @@ class Armed:
     retry_after: int | str | None
     seconds: float | None
     forward: bool
-    taken: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    _active: int = 0
+    taken: int = field(default=0, init=False)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    released: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    done: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _active: int = field(default=0, init=False, repr=False)
 
     @property
     def remaining(self) -> int:
@@ -332,9 +332,12 @@ class FaultProxy:
         return self
 
     async def stop(self) -> None:
-        """Release every hold, stop listening, and end the connections (bounded)."""
+        """Release every hold, stop listening, and end the connections (bounded).
+
+        The counts and the applied faults stay readable afterwards.
+        """
         self._stopping.set()
-        self.disarm()
+        self._let_go()
         await self._tasks.cancel_all()
         self._close_listener()
         if self._web is not None:
@@ -398,13 +401,17 @@ class FaultProxy:
 
     def disarm(self) -> None:
         """Drop armed faults, release held answers, end a refusal, and zero the counts."""
+        self._let_go()
+        self._every.clear()
+        self.counts.clear()
+        self.applied.clear()
+
+    def _let_go(self) -> None:
+        """Drop the faults not yet taken, release every hold, and end a refusal window."""
         for armed in self._every:
             armed.release()
         self._armed.clear()
-        self._every.clear()
         self._refuse_over.set()
-        self.counts.clear()
-        self.applied.clear()
 
     def _take(self, route: Route) -> Armed | None:
         for armed in self._armed:
@@ -448,8 +455,8 @@ class FaultProxy:
         route = route_of(request.path)
         counts = self.counts[route]
         counts.seen += 1
-        armed = self._take(route)
         body = await request.read()
+        armed = self._take(route)
         if armed is None:
             return _response(await self._forward_or_502(request, body, route))
         counts.faulted += 1

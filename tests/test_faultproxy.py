@@ -337,7 +337,7 @@ async def test_an_unreachable_upstream_is_a_502(upstream: Upstream) -> None:
 
 
 async def test_starts_on_a_given_port_and_stops_with_a_hold_pending(upstream: Upstream) -> None:
-    """start(port) binds that port; stop() releases a pending hold and returns promptly."""
+    """start(port) binds that port; stop() releases a pending hold promptly, keeps the counts."""
     probe = FaultProxy(upstream.url)
     await probe.start()
     port = probe.port
@@ -353,3 +353,5 @@ async def test_starts_on_a_given_port_and_stops_with_a_hold_pending(upstream: Up
         await proxy.stop()
         assert time.monotonic() - started < 3
     assert client.result()[0] == 200
+    assert proxy.counts["token"].faulted == 1
+    assert [a.outcome for a in proxy.applied] == ["released"]
