@@ -186,3 +186,101 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server."""
     return postgres_server.new_database()
+
+
+class PrivatePostgres:
+    """One test's own cluster, which the test may stop, start and restart under its clients.
+
+    The session's shared server (`postgres_server`) must never be stopped; faults get this
+    instead. Each call is bounded (pg_ctl -w -t) and returns only once the server refuses
+    (stop) or accepts (start) connections on the same port and data directory. They block:
+    from a test whose event loop also runs the code under test, call them with
+    asyncio.to_thread. `stop(mode="fast")` ends every session (the server sends SQLSTATE 57P01,
+    admin_shutdown; asyncpg then reports "connection is closed") and checkpoints;
+    `mode="immediate"` is a crash, recovered at the next start.
+    """
+
+    def __init__(self, server: PostgresServer) -> None:
+        if server._pg_bin is None or server._root is None:
+            raise ValueError("PrivatePostgres needs a cluster made by start_postgres")
+        self._server = server
+        self._pg_bin = server._pg_bin
+        self._data = server._root / "data"
+        self._log = server._root / "server.log"
+        self.url = server.url
+        port = urlsplit(server.url).port
+        assert port is not None
+        self.port: int = port
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this cluster."""
+        return self._server.new_database()
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster is up (its pid file exists)."""
+        return (self._data / "postmaster.pid").exists()
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop -m MODE (smart, fast or immediate); returns once connections are refused."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"pg_ctl has no stop mode {mode!r}: smart, fast or immediate")
+        stop = [str(self._pg_bin / "pg_ctl"), "stop", "-w", "-t", str(int(START_TIMEOUT))]
+        done = _pg_run([*stop, "-m", mode, "-D", str(self._data)])
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed:\n{done.stdout}{done.stderr}")
+        self._wait(accepting=False)
+
+    def start(self) -> None:
+        """pg_ctl start with the options of the first start; returns once it accepts."""
+        # postmaster.opts holds the command line of the last start and outlives a stop.
+        argv = shlex.split((self._data / "postmaster.opts").read_text())[1:]
+        if "-D" in argv:
+            at = argv.index("-D")
+            del argv[at : at + 2]  # pg_ctl passes its own -D
+        start = [str(self._pg_bin / "pg_ctl"), "start", "-w", "-t", str(int(START_TIMEOUT))]
+        done = _pg_run(
+            [*start, "-D", str(self._data), "-l", str(self._log), "-o", shlex.join(argv)]
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed:\n{done.stderr}\n{_log_tail(self._log)}")
+        self._wait(accepting=True)
+
+    def restart(self, mode: str = "fast") -> None:
+        """stop(mode), then start() on the same port and data directory."""
+        self.stop(mode)
+        self.start()
+
+    def _wait(self, *, accepting: bool) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while _accepts(self.port) != accepting:
+            if time.monotonic() > deadline:
+                state = "accept" if accepting else "refuse"
+                raise RuntimeError(
+                    f"PostgreSQL did not {state} connections:\n{_log_tail(self._log)}"
+                )
+            time.sleep(0.05)
+
+
+def _accepts(port: int) -> bool:
+    """Whether a TCP connection to 127.0.0.1:port is accepted."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own, removed at the end whether running or not."""
+    if find_pg_bin() is None:
+        message = "PostgreSQL server binaries not found: apt-get install postgresql"
+        if os.environ.get("TOKEN_BROKER_REQUIRE_PG") == "1":
+            pytest.fail(f"{message} (or unset TOKEN_BROKER_REQUIRE_PG)")
+        pytest.skip(message)
+    server = start_postgres(tmp_path)
+    try:
+        yield PrivatePostgres(server)
+    finally:
+        server.stop()

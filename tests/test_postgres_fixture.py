@@ -1,10 +1,16 @@
 """The throwaway PostgreSQL fixture starts a usable server and hands out empty databases."""
 
+import asyncio
+
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.postgres import postgres_server, postgres_url  # noqa: F401
+from tests import postgres as pg_fixture
+from tests.postgres import PrivatePostgres, postgres_server, postgres_url  # noqa: F401
+
+private_postgres = pg_fixture.private_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -40,3 +46,49 @@ async def test_each_test_gets_an_empty_database(postgres_url: str) -> None:  # n
             assert name.startswith("tb_")
     finally:
         await engine.dispose()
+
+
+async def test_a_private_cluster_stops_and_starts_under_its_clients(
+    private_postgres: PrivatePostgres,
+) -> None:
+    """An open connection breaks and new ones are refused while stopped; start() brings it back."""
+    url = private_postgres.new_database()
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE probe (v integer); INSERT INTO probe VALUES (1)")
+    await asyncio.to_thread(private_postgres.stop)
+    assert not private_postgres.running
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+        await conn.fetchval("SELECT 1")
+    await conn.close()
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the port
+        await asyncpg.connect(url, timeout=5)
+    await asyncio.to_thread(private_postgres.start)
+    assert private_postgres.running
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT sum(v) FROM probe") == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_private_cluster_restarts_on_the_same_port(
+    private_postgres: PrivatePostgres,
+) -> None:
+    """restart() is a new postmaster on the same URL; crash-stopped (immediate), data survives."""
+    url = private_postgres.new_database()
+    conn = await asyncpg.connect(url)
+    first_pid = await conn.fetchval("SELECT pg_backend_pid()")
+    await conn.execute("CREATE TABLE probe (v integer); INSERT INTO probe VALUES (7)")
+    await conn.close()
+    await asyncio.to_thread(private_postgres.restart)
+    await asyncio.to_thread(private_postgres.restart, "immediate")
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT v FROM probe") == 7
+        assert await conn.fetchval("SELECT pg_backend_pid()") != first_pid
+        uptime = await conn.fetchval("SELECT now() - pg_postmaster_start_time()")
+        assert uptime.total_seconds() < 30
+    finally:
+        await conn.close()
+    with pytest.raises(ValueError, match="no stop mode"):
+        private_postgres.stop("abrupt")

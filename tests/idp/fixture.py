@@ -4,6 +4,11 @@ The schema is migrated once per test session into a template SQLite file; each I
 generates its RS256 key into its own directory, and is handed an already listening socket, so
 start-up is only Django's import and set-up (about half a second). The `django_idp_factory`
 fixture stops every IdP it started: SIGTERM to that process, then a bounded wait.
+
+`issuer=` pins the issuer to another origin, such as a `tests.faultproxy.FaultProxy` started
+first: every endpoint URL in the discovery documents, and `iss` in every ID token, then names
+that origin, and the `DjangoIdP` endpoint properties do too. `url` and the /test/ helpers
+always reach the server directly.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -83,22 +89,30 @@ def _listen(port: int = 0) -> socket.socket:
 class DjangoIdP:
     """A running django-oauth-toolkit server; see the module docstring."""
 
-    def __init__(self, directory: Path, argv: list[str]) -> None:
+    def __init__(self, directory: Path, argv: list[str], issuer: str | None = None) -> None:
         self.directory = directory
         self.log_path = directory / "server.log"
         self.client_id = CLIENT_ID
         self.port = 0
         self.subs: dict[str, str] = {}  # username -> `sub` claim
         self._argv = argv
+        self._issuer = issuer
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The server's own origin, never through a proxy."""
         return f"http://127.0.0.1:{self.port}"
 
     @property
     def issuer(self) -> str:
-        return f"{self.url}/o"
+        """The issuer: the pinned one (a proxy's origin + /o) or this server's origin + /o."""
+        return self._issuer or f"{self.url}/o"
+
+    @property
+    def origin(self) -> str:
+        """The issuer's origin: where clients send every request (a proxy, when pinned)."""
+        return self.issuer.removesuffix("/o")
 
     @property
     def discovery_url(self) -> str:
@@ -119,6 +133,22 @@ class DjangoIdP:
     @property
     def userinfo_endpoint(self) -> str:
         return f"{self.issuer}/userinfo/"
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return f"{self.issuer}/introspect/"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.issuer}/.well-known/jwks.json"
+
+    @property
+    def metadata_urls(self) -> tuple[str, str]:
+        """The RFC 8414 document at RFC 8414's location and at DOT's (issuer + well-known)."""
+        return (
+            f"{self.origin}/.well-known/oauth-authorization-server/o",
+            f"{self.issuer}/.well-known/oauth-authorization-server",
+        )
 
     def _start(self) -> None:
         started = time.monotonic()
@@ -188,7 +218,7 @@ class DjangoIdP:
         assert status == 200, data
 
     def settings(self, **changes: Any) -> dict[str, Any]:
-        """Change access_token_lifetime, refresh_grace or reuse_protection while running."""
+        """Change access_token_lifetime, refresh_grace, reuse_protection or introspection."""
         status, data = self._request("POST", "/test/settings", changes)
         assert status == 200, data
         return dict(data)
@@ -229,12 +259,18 @@ def start_django_idp(
     refresh_grace: int = 0,
     reuse_protection: bool = True,
     users: dict[str, str] | None = None,
+    issuer: str | None = None,
 ) -> DjangoIdP:
     """Start an IdP in a new directory under tmp_path; the caller must stop() it.
 
     DOT matches redirect URIs exactly, except that for http://127.0.0.1 it ignores the port
     (RFC 8252 loopback), so "http://127.0.0.1/callback" admits the broker's ephemeral port.
+    `issuer`, when given, must be an http://127.0.0.1:PORT/o URL (see the module docstring).
     """
+    if issuer is not None and not issuer.startswith("http://127.0.0.1:"):
+        raise ValueError(f"the issuer must be a loopback origin, not {issuer!r}")
+    if issuer is not None and urlsplit(issuer).path != "/o":
+        raise ValueError(f"the issuer's path must be /o, where DOT is mounted, not {issuer!r}")
     directory = Path(tempfile.mkdtemp(prefix="idp-", dir=tmp_path))
     db, key = directory / "idp.sqlite3", directory / "oidc-key.pem"
     shutil.copyfile(_template_db(), db)
@@ -246,7 +282,9 @@ def start_django_idp(
     argv += ["--refresh-grace", str(refresh_grace)]
     if not reuse_protection:
         argv.append("--no-reuse-protection")
-    idp = DjangoIdP(directory, argv)
+    if issuer is not None:
+        argv += ["--issuer", issuer]
+    idp = DjangoIdP(directory, argv, issuer)
     idp._start()
     return idp
 
@@ -262,6 +300,7 @@ class DjangoIdPFactory(Protocol):
         refresh_grace: int = 0,
         reuse_protection: bool = True,
         users: dict[str, str] | None = None,
+        issuer: str | None = None,
     ) -> DjangoIdP: ...
 
 
@@ -277,6 +316,7 @@ def django_idp_factory(tmp_path: Path) -> Iterator[DjangoIdPFactory]:
         refresh_grace: int = 0,
         reuse_protection: bool = True,
         users: dict[str, str] | None = None,
+        issuer: str | None = None,
     ) -> DjangoIdP:
         idp = start_django_idp(
             tmp_path,
@@ -285,6 +325,7 @@ def django_idp_factory(tmp_path: Path) -> Iterator[DjangoIdPFactory]:
             refresh_grace=refresh_grace,
             reuse_protection=reuse_protection,
             users=users,
+            issuer=issuer,
         )
         started.append(idp)
         return idp

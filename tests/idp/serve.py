@@ -5,6 +5,10 @@ fixture binds the port, so no other process can take it between choosing and ser
 `--migrate-only` builds the session's template database and exits. The server is Django's own
 threaded WSGI server (what `runserver` uses) with a listen backlog of 128 rather than 10, so a
 burst of ~50 concurrent requests queues instead of waiting on SYN retransmits.
+
+`--issuer` pins the issuer, and with it the origin of every endpoint URL in the discovery
+documents, to another origin, such as a proxy's in front of this server; its path must be /o,
+where DOT is mounted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--access-token-lifetime", type=int, default=36000)
     parser.add_argument("--refresh-grace", type=int, default=0)
     parser.add_argument("--no-reuse-protection", action="store_true")
+    parser.add_argument("--issuer", default="", help="e.g. http://127.0.0.1:PROXY_PORT/o")
     parser.add_argument("--migrate-only", action="store_true")
     return parser.parse_args(argv)
 
@@ -45,6 +50,7 @@ def _configure(args: argparse.Namespace) -> None:
         TB_IDP_ACCESS_TOKEN_LIFETIME=str(args.access_token_lifetime),
         TB_IDP_REFRESH_GRACE=str(args.refresh_grace),
         TB_IDP_REUSE_PROTECTION="0" if args.no_reuse_protection else "1",
+        TB_IDP_ISSUER=args.issuer,
     )
     import django
 

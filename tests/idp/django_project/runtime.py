@@ -20,6 +20,7 @@ class Runtime:
     access_token_lifetime: int
     refresh_grace: int
     reuse_protection: bool
+    introspection: bool = True  # False: /o/introspect/ refuses every caller (invalid_client)
 
     @classmethod
     def from_env(cls) -> Runtime:
@@ -45,12 +46,15 @@ class Runtime:
         if "reuse_protection" in changes:
             self.reuse_protection = bool(changes["reuse_protection"])
             oauth2_settings.REFRESH_TOKEN_REUSE_PROTECTION = self.reuse_protection
+        if "introspection" in changes:
+            self.introspection = bool(changes["introspection"])
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "access_token_lifetime": self.access_token_lifetime,
             "refresh_grace": self.refresh_grace,
             "reuse_protection": self.reuse_protection,
+            "introspection": self.introspection,
         }
 
 
@@ -62,6 +66,7 @@ class Stats:
     token_requests: Counter[str] = field(default_factory=Counter)
     refresh_failed: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
+    introspections: Counter[str] = field(default_factory=Counter)
 
     def token_request(self, grant_type: str) -> None:
         with self.lock:
@@ -70,6 +75,12 @@ class Stats:
     def refresh_failure(self, error: str) -> None:
         with self.lock:
             self.refresh_failed[error] += 1
+
+    def introspection(self, answer: str) -> None:
+        """Count one introspection request by its answer: active, inactive, refused, http_N."""
+        with self.lock:
+            self.introspections["requests"] += 1
+            self.introspections[answer] += 1
 
     def add(self, name: str) -> None:
         with self.lock:
@@ -86,6 +97,13 @@ class Stats:
                 "in_grace_replays": self.counts["in_grace_replays"],
                 "same_pair_returned": self.counts["same_pair_returned"],
                 "injected_faults": self.counts["injected_faults"],
+                "introspection": {
+                    "requests": 0,
+                    "active": 0,
+                    "inactive": 0,
+                    "refused": 0,
+                    **self.introspections,
+                },
             }
 
 

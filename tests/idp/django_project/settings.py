@@ -16,6 +16,7 @@ from tests.idp.django_project.runtime import RUNTIME
 HERE = Path(__file__).resolve().parent
 PORT = int(os.environ.get("TB_IDP_PORT", "0"))
 KEY_FILE = os.environ.get("TB_IDP_KEY", "")
+ISSUER = os.environ.get("TB_IDP_ISSUER") or (f"http://127.0.0.1:{PORT}/o" if PORT else "")
 
 SECRET_KEY = os.environ.get("TB_IDP_SECRET_KEY") or secrets.token_urlsafe(32)
 DEBUG = False
@@ -82,8 +83,9 @@ OAUTH2_PROVIDER = {
     "OIDC_ENABLED": True,
     "OIDC_RSA_PRIVATE_KEY": Path(KEY_FILE).read_text() if KEY_FILE else "",
     # Pinned rather than derived from each request's Host header, so discovery, the RFC 8414
-    # document and every ID token agree byte for byte.
-    "OIDC_ISS_ENDPOINT": f"http://127.0.0.1:{PORT}/o" if PORT else "",
+    # document and every ID token agree byte for byte. Every endpoint URL in both documents
+    # takes its origin from it, so an issuer at a proxy's origin routes clients through it.
+    "OIDC_ISS_ENDPOINT": ISSUER,
 }
 
 LOGGING = {

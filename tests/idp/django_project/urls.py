@@ -1,18 +1,26 @@
-"""DOT under /o/ (with the counting token view), its RFC 8414 document, login and /test/."""
+"""DOT under /o/ (with the counting token view and the test IdP's introspection and OpenID
+discovery views), its RFC 8414 document, login and /test/."""
 
 from __future__ import annotations
 
 from django.contrib.auth.views import LoginView
-from django.urls import URLPattern, URLResolver, include, path
+from django.urls import URLPattern, URLResolver, include, path, re_path
 from oauth2_provider import urls as dot_urls  # type: ignore[import-untyped]
 from oauth2_provider.views import OAuthServerMetadataView  # type: ignore[import-untyped]
 
-from tests.idp.django_project import views
+from tests.idp.django_project import introspection, views
 
+_REPLACED = ("token", "introspect", "oidc-connect-discovery-info")
 _oauth: list[URLPattern | URLResolver] = [
-    *(p for p in dot_urls.base_urlpatterns if p.name != "token"),
+    *(p for p in dot_urls.base_urlpatterns if p.name not in _REPLACED),
     path("token/", views.CountingTokenView.as_view(), name="token"),
-    *dot_urls.oidc_urlpatterns,
+    path("introspect/", introspection.IntrospectionView.as_view(), name="introspect"),
+    re_path(
+        r"^\.well-known/openid-configuration/?$",
+        introspection.DiscoveryView.as_view(),
+        name="oidc-connect-discovery-info",
+    ),
+    *(p for p in dot_urls.oidc_urlpatterns if p.name not in _REPLACED),
     *dot_urls.metadata_urlpatterns,  # /o/.well-known/oauth-authorization-server
 ]
 

@@ -73,7 +73,7 @@ def faults(request: HttpRequest) -> JsonResponse:
 
 @csrf_exempt
 def runtime_settings(request: HttpRequest) -> JsonResponse:
-    """Read, or with POST change, access_token_lifetime, refresh_grace and reuse_protection."""
+    """Read, or with POST change, token lifetimes, grace, reuse protection and introspection."""
     if request.method == "POST":
         RUNTIME.update(_json_body(request))
     return JsonResponse(RUNTIME.as_dict())
