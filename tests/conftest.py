@@ -13,6 +13,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,6 +27,8 @@ from tests.model_idp import HandClock, ModelIdp
 from tests.postgres import PostgresServer, postgres_server, postgres_url  # noqa: F401
 
 SECRETS: set[str] = set()
+# Rows of the fault matrix (tests/test_faults.py), printed at the end of the run.
+FAULT_MATRIX: list[Any] = []
 _SESSION_LOG = io.StringIO()
 _LOG_DIRS: list[Path] = []
 
@@ -108,6 +111,27 @@ def clock() -> HandClock:
 def idp(clock: HandClock, new_secret: Callable[[str], str]) -> ModelIdp:
     """A model IdP without grace whose tokens the session's leak scan looks for."""
     return ModelIdp(clock, mint=new_secret)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault matrix measured in this run, if any."""
+    if not FAULT_MATRIX:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("fault matrix (tests/test_faults.py):")
+    header = (
+        "| fault | store | grace | expected | end state | reuse | 500s | served | rejected | s |"
+    )
+    write(header)
+    write("|---|---|---|---|---|---|---|---|---|---|")
+    for row in sorted(FAULT_MATRIX, key=lambda r: (r.store, r.fault, r.grace)):
+        mark = "" if row.ok else " **FAILED**"
+        write(
+            f"| {row.fault} | {row.store} | {row.grace} s | {row.expected} | "
+            f"{row.end_state}{mark} | {row.reuse_detections} | {row.http_500} | "
+            f"{row.served} | {row.rejected} | {row.seconds} |"
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -51,6 +51,7 @@ import enum
 import ipaddress
 import socket
 import struct
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -272,6 +273,9 @@ class FaultProxy:
         self._upstream = None if upstream is None else _check_loopback(upstream)
         self.counts: defaultdict[str, RouteCounts] = defaultdict(RouteCounts)
         self.applied: list[Applied] = []
+        # When (epoch seconds) each request arrived, and its route: a test can tell whether
+        # something happened before or after the provider was asked.
+        self.arrivals: list[tuple[float, Route]] = []
         self._armed: list[Armed] = []  # waiting for requests, in the order armed
         self._every: list[Armed] = []  # all armed since the last disarm(), to release them
         self._tasks = Tasks()
@@ -405,6 +409,7 @@ class FaultProxy:
         self._every.clear()
         self.counts.clear()
         self.applied.clear()
+        self.arrivals.clear()
 
     def _let_go(self) -> None:
         """Drop the faults not yet taken, release every hold, and end a refusal window."""
@@ -455,6 +460,7 @@ class FaultProxy:
         route = route_of(request.path)
         counts = self.counts[route]
         counts.seen += 1
+        self.arrivals.append((time.time(), route))
         body = await request.read()
         armed = self._take(route)
         if armed is None:
