@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_ID = "broker-test"
+DEVICE_CLIENT_ID = "broker-device"  # public, allowed only the device grant (RFC 8628)
 DEFAULT_USERS = {"alice": "alice-password", "bob": "bob-password"}
 MIGRATE_TIMEOUT = 120.0
 START_TIMEOUT = 30.0
@@ -120,6 +121,20 @@ class DjangoIdP:
     def userinfo_endpoint(self) -> str:
         return f"{self.issuer}/userinfo/"
 
+    @property
+    def device_client_id(self) -> str:
+        """The public client allowed the device grant (the other one is the code flow's)."""
+        return DEVICE_CLIENT_ID
+
+    @property
+    def device_authorization_endpoint(self) -> str:
+        return f"{self.issuer}/device-authorization/"
+
+    @property
+    def device_page(self) -> str:
+        """DOT's page where a person enters a user code (the verification URI)."""
+        return f"{self.issuer}/device/"
+
     def _start(self) -> None:
         started = time.monotonic()
         sock = _listen(self.port)
@@ -188,7 +203,8 @@ class DjangoIdP:
         assert status == 200, data
 
     def settings(self, **changes: Any) -> dict[str, Any]:
-        """Change access_token_lifetime, refresh_grace or reuse_protection while running."""
+        """Change access_token_lifetime, refresh_grace, reuse_protection, device_interval or
+        device_expires_in (of device codes issued from then on) while running."""
         status, data = self._request("POST", "/test/settings", changes)
         assert status == 200, data
         return dict(data)
