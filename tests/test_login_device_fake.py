@@ -1,5 +1,6 @@
 """Device logins (RFC 8628) against what django-oauth-toolkit never does: slow_down,
-expired_token from the token endpoint, an ID token in this grant, no device endpoint at all.
+expired_token from the token endpoint, an ID token in this grant, no device endpoint at all, a
+device endpoint that refuses the client.
 
 The provider is `tests.tinyidp.TinyIdP` on aiohttp's real test server: its token endpoint
 answers device-code polls from a script (`device_answers`) and records when each poll came
@@ -106,3 +107,20 @@ async def test_the_configured_device_endpoint_is_used_when_discovery_names_none(
         started = await start_device(broker)
         assert (await ended(broker, started.id, within=10))["state"] == "complete"
         assert len(idp.device_codes) == 1
+
+
+async def test_a_device_endpoint_refusing_the_client_is_a_bad_request_saying_what_to_allow(
+    tmp_path: Path, log_dir: Path, tiny_idp_factory: StartTinyIdP
+) -> None:
+    """A provider that answers unauthorized_client at the device endpoint itself (not at the
+    token endpoint, as django-oauth-toolkit does): 400 naming the client and the fix."""
+    idp = await tiny_idp_factory()
+    idp.device_refusal = "unauthorized_client"
+    async with serving_broker(tmp_path, log_dir, {PROVIDER: tiny(idp)}) as broker:
+        reply = await broker.call(
+            "POST", "/v1/logins", {"provider": PROVIDER, "user": USER, "method": "device"}
+        )
+        assert reply.status == 400
+        detail = reply.json()["detail"]
+        assert "does not allow client tiny-test the device grant (unauthorized_client)" in detail
+        assert "allow it at the provider" in detail

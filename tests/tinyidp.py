@@ -14,7 +14,8 @@ It also does the device authorization grant (RFC 8628) the way a test scripts it
 `device_answers` lists the errors its token endpoint gives device-code polls
 ("authorization_pending", "slow_down", "expired_token", ...) before it issues tokens, and
 `device_polls` records when each poll arrived (time.monotonic). Its discovery names the device
-endpoint unless `advertise_device=False` (a config then has to).
+endpoint unless `advertise_device=False` (a config then has to); with `device_refusal` set to
+an error code, the device endpoint answers 400 with it instead of codes.
 
 Every token it issues comes from the test's `new_secret`, so the session's leak scan knows them;
 `issued` lists them in order (access, refresh, ID token per exchange); `revoked` lists what
@@ -71,6 +72,7 @@ class TinyIdP:
         self.device_polls: list[float] = []
         self.device_codes: list[str] = []  # every device code it handed out
         self.advertise_device = True
+        self.device_refusal: str | None = None
         self.token_requests = 0
         self.issued: list[str] = []  # every token it handed out
         self.revoked: list[tuple[str, str]] = []  # (token, token_type_hint) per revocation
@@ -118,6 +120,8 @@ class TinyIdP:
         """RFC 8628 section 3.2: codes for a device login; the page itself is not served."""
         form = await request.post()
         assert form.get("client_id") == CLIENT_ID
+        if self.device_refusal is not None:
+            return web.json_response({"error": self.device_refusal}, status=400)
         device_code = self._make_secret("tiny-device-code")
         self.device_codes.append(device_code)
         user_code = secrets.token_hex(4).upper()

@@ -142,10 +142,10 @@ class ProviderClient:
 
     async def poll_device(self, device_code: Secret, interval: int) -> PollOutcome:
         """Ask the token endpoint once whether the person has approved (section 3.4)."""
-        metadata = await self.metadata()
         form = {"grant_type": GRANT_TYPE, "device_code": device_code.reveal()}
-        url, headers, body = self._authenticate(metadata.token_endpoint, form)
         try:
+            metadata = await self.metadata()
+            url, headers, body = self._authenticate(metadata.token_endpoint, form)
             response = await send(self._session, "POST", url, data=body, headers=headers)
         except IdpError as exc:
             # Nothing is spent by asking again: a device code is no refresh token.
