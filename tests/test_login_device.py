@@ -359,7 +359,7 @@ async def test_with_a_callback_listener_a_login_that_names_no_method_is_the_code
 async def test_an_unknown_method_is_a_bad_request(
     tmp_path: Path, log_dir: Path, shared_idp: DjangoIdP
 ) -> None:
-    """ "method": "password" is refused with 400 naming the methods there are."""
+    """A method of "password" is refused with 400 naming the methods there are."""
     async with serving_broker(tmp_path, log_dir, {PROVIDER: device_provider(shared_idp)}) as broker:
         reply = await broker.call(
             "POST", "/v1/logins", {"provider": PROVIDER, "user": USER, "method": "password"}
