@@ -84,7 +84,7 @@ class LoginFinisher:
         return reason
 
     async def discard(self, provider: str, tokens: TokenResponse, grant: str) -> None:
-        """Revoke the tokens of a login that failed after its code exchange (best effort).
+        """Revoke the tokens of a login that failed after the provider issued them (best effort).
 
         They were issued, but the broker keeps nothing of a failed login: left alone, a refresh
         token nobody holds would stay valid at the provider until it expires.
