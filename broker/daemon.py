@@ -312,13 +312,16 @@ class Daemon:
             policy=schedule,
             clock=self.clock,
         )
-        logins = LoginService(store.logins, service, clients)
+        logins = LoginService(
+            store.logins, service, clients, clock=self.clock, redirect_served=self._redirects_to
+        )
         await service.load()
         metrics.watch_grants(lambda: service.gauges(self.clock()))
         self.refresher = refresher
         await refresher.recover()
         stack.push_async_callback(refresher.stop)
         refresher.start()
+        stack.push_async_callback(logins.stop)  # device logins still polling end as failed
         policy = Policy(self.config.clients, os.getuid())
         return Runtime(
             store, session, providers, clients, metrics, service, logins, refresher, policy
@@ -379,6 +382,11 @@ class Daemon:
         sock.setblocking(False)
         stack.callback(sock.close)  # the socket file belongs to systemd: never unlinked here
         return sock, True
+
+    def _redirects_to(self, provider: ProviderConfig) -> bool:
+        """Whether the callback listener serves this provider's redirect_uri."""
+        served = self._served_callbacks
+        return served is not None and (urlsplit(provider.redirect_uri).path or "/") in served
 
     async def reload(self, rt: Runtime) -> bool:
         """Re-read the config file and apply it; False (nothing changed) when it is refused."""

@@ -230,18 +230,26 @@ def write_config(
     key_file: Path,
     callback_port: int,
     providers: Mapping[str, Mapping[str, object]],
+    callback: bool = True,
+    refresh: Mapping[str, object] | None = None,
 ) -> None:
-    """A config whose providers all redirect to this broker's callback listener."""
+    """A config whose providers all redirect to this broker's callback listener (which
+    `callback=False` switches off), with `refresh` as its [refresh] table when given."""
     tables = []
     for name, settings in providers.items():
         values = {"redirect_uri": f"http://127.0.0.1:{callback_port}{CALLBACK_PATH}", **settings}
         lines = [f"[providers.{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         tables.append("\n".join(lines))
+    listen = f"127.0.0.1:{callback_port}" if callback else ""
+    if refresh:
+        tables.insert(
+            0, "[refresh]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in refresh.items())
+        )
     config.write_text(
         f"""[server]
 socket = {json.dumps(str(socket))}
 socket_mode = "0600"
-callback = "127.0.0.1:{callback_port}"
+callback = "{listen}"
 metrics = ""
 
 [store]
@@ -292,8 +300,11 @@ async def serving_broker(
     providers: Mapping[str, Mapping[str, object]],
     *,
     process: bool = False,
+    callback: bool = True,
+    refresh: Mapping[str, object] | None = None,
 ) -> AsyncIterator[Broker]:
-    """A broker serving `providers` until the block ends (in-process unless `process`).
+    """A broker serving `providers` until the block ends (in-process unless `process`); see
+    `write_config` for `callback` and `refresh`.
 
     The store and the keyring live in `root`: a second broker on the same `root` (with other
     providers, say) starts on what the first one left.
@@ -311,6 +322,8 @@ async def serving_broker(
             key_file=key_file,
             callback_port=callback_port,
             providers=providers,
+            callback=callback,
+            refresh=refresh,
         )
         connector = aiohttp.UnixConnector(path=str(home.socket))
         async with aiohttp.ClientSession(connector=connector, timeout=HTTP_TIMEOUT) as session:

@@ -50,7 +50,7 @@ from broker.store.repository import GrantRepository
 from tests import conftest
 from tests import inprocess as inprocess_module
 from tests.daemon import make_home
-from tests.idp.browser import login
+from tests.idp.browser import enter_user_code, login
 from tests.idp.fixture import DjangoIdP
 from tests.inprocess import serving_broker, techniek
 from tests.test_api import START, Api, Clock, served_api
@@ -791,6 +791,40 @@ async def test_a_login_and_the_grant_it_makes_conform_end_to_end(
         assert failed.json()["state"] == "failed"
         assert failed.json()["error"]
         assert_conforms(contract, "GET", LOGIN, failed)
+
+
+async def test_a_device_login_conforms_when_started_joined_and_ended(
+    tmp_path: Path, log_dir: Path, contract: Contract, shared_idp: DjangoIdP
+) -> None:
+    """Against a real IdP: a device login's 201, the 200 of a second one joining it, its pending
+    and complete states, and the 400 for a method there is not, answer as the document says."""
+    provider = techniek(shared_idp, client_id=shared_idp.device_client_id)
+    body = {"provider": PROVIDER, "user": "alice", "method": "device"}
+    async with serving_broker(tmp_path, log_dir, {PROVIDER: provider}) as broker:
+        started = await broker.call("POST", LOGINS, body)
+        assert started.status == 201, started.text
+        assert_conforms(contract, "POST", LOGINS, started)
+        conftest.SECRETS.add(started.json()["user_code"])
+        joined = await broker.call("POST", LOGINS, body)
+        assert joined.status == 200, joined.text
+        assert_conforms(contract, "POST", LOGINS, joined)
+        login_id = started.json()["login_id"]
+        pending = await broker.call("GET", f"/v1/logins/{login_id}")
+        assert pending.json()["state"] == "pending"
+        assert_conforms(contract, "GET", LOGIN, pending)
+        await enter_user_code(
+            started.json()["verification_uri_complete"], "alice", "alice-password"
+        )
+        for _ in range(100):
+            complete = await broker.call("GET", f"/v1/logins/{login_id}")
+            if complete.json()["state"] != "pending":
+                break
+            await asyncio.sleep(0.1)
+        assert complete.json()["state"] == "complete", complete.text
+        assert_conforms(contract, "GET", LOGIN, complete)
+        unknown = await broker.call("POST", LOGINS, body | {"method": "implicit"})
+        assert unknown.status == 400
+        assert_conforms(contract, "POST", LOGINS, unknown)
 
 
 # -- the validator refuses wrong responses -------------------------------------------------------

@@ -10,6 +10,13 @@ and an RS256 ID token. Two knobs:
 - `barrier`: when set (an `asyncio.Barrier(n)`), each token answer waits until n token
   requests are waiting, then all go at once, so concurrent logins reach the broker in lockstep.
 
+It also does the device authorization grant (RFC 8628) the way a test scripts it:
+`device_answers` lists the errors its token endpoint gives device-code polls
+("authorization_pending", "slow_down", "expired_token", ...) before it issues tokens, and
+`device_polls` records when each poll arrived (time.monotonic). Its discovery names the device
+endpoint unless `advertise_device=False` (a config then has to); with `device_refusal` set to
+an error code, the device endpoint answers 400 with it instead of codes.
+
 Every token it issues comes from the test's `new_secret`, so the session's leak scan knows them;
 `issued` lists them in order (access, refresh, ID token per exchange); `revoked` lists what
 was revoked at its RFC 7009 endpoint.
@@ -60,6 +67,12 @@ class TinyIdP:
     def __init__(self, make_secret: Callable[[str], str], *, flaw: str = "") -> None:
         self.flaw = flaw
         self.barrier: asyncio.Barrier | None = None
+        self.device_answers: list[str] = []
+        self.device_interval = 1
+        self.device_polls: list[float] = []
+        self.device_codes: list[str] = []  # every device code it handed out
+        self.advertise_device = True
+        self.device_refusal: str | None = None
         self.token_requests = 0
         self.issued: list[str] = []  # every token it handed out
         self.revoked: list[tuple[str, str]] = []  # (token, token_type_hint) per revocation
@@ -73,6 +86,7 @@ class TinyIdP:
         app.router.add_get("/authorize", self._authorize)
         app.router.add_post("/token", self._token)
         app.router.add_post("/revoke", self._revoke)
+        app.router.add_post("/device", self._device_authorization)
         self._server = TestServer(app, host="127.0.0.1")
 
     async def start(self) -> None:
@@ -85,17 +99,50 @@ class TinyIdP:
     def issuer(self) -> str:
         return str(self._server.make_url("")).rstrip("/")
 
+    @property
+    def device_endpoint(self) -> str:
+        return f"{self.issuer}/device"
+
     async def _discovery(self, _request: web.Request) -> web.Response:
+        document = {
+            "issuer": self.issuer,
+            "authorization_endpoint": f"{self.issuer}/authorize",
+            "token_endpoint": f"{self.issuer}/token",
+            "jwks_uri": f"{self.issuer}/jwks",
+            "revocation_endpoint": f"{self.issuer}/revoke",
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }
+        if self.advertise_device:
+            document["device_authorization_endpoint"] = self.device_endpoint
+        return web.json_response(document)
+
+    async def _device_authorization(self, request: web.Request) -> web.Response:
+        """RFC 8628 section 3.2: codes for a device login; the page itself is not served."""
+        form = await request.post()
+        assert form.get("client_id") == CLIENT_ID
+        if self.device_refusal is not None:
+            return web.json_response({"error": self.device_refusal}, status=400)
+        device_code = self._make_secret("tiny-device-code")
+        self.device_codes.append(device_code)
+        user_code = secrets.token_hex(4).upper()
         return web.json_response(
             {
-                "issuer": self.issuer,
-                "authorization_endpoint": f"{self.issuer}/authorize",
-                "token_endpoint": f"{self.issuer}/token",
-                "jwks_uri": f"{self.issuer}/jwks",
-                "revocation_endpoint": f"{self.issuer}/revoke",
-                "id_token_signing_alg_values_supported": ["RS256"],
+                "device_code": device_code,
+                "user_code": user_code,
+                "verification_uri": f"{self.issuer}/activate",
+                "verification_uri_complete": f"{self.issuer}/activate?code={user_code}",
+                "expires_in": 600,
+                "interval": self.device_interval,
             }
         )
+
+    async def _device_poll(self, form: Any) -> web.Response:
+        self.device_polls.append(time.monotonic())
+        if form.get("device_code") not in self.device_codes:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        if self.device_answers:
+            return web.json_response({"error": self.device_answers.pop(0)}, status=400)
+        return self._tokens(nonce=None)
 
     async def _jwks(self, _request: web.Request) -> web.Response:
         return web.json_response({"keys": [self._key.as_dict(private=False)]})
@@ -111,6 +158,8 @@ class TinyIdP:
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
         form = await request.post()
+        if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:device_code":
+            return await self._device_poll(form)
         if self.barrier is not None:
             await asyncio.wait_for(self.barrier.wait(), HOLD_TIMEOUT)
         code = self._codes.pop(str(form.get("code")), None)
@@ -120,9 +169,12 @@ class TinyIdP:
             or _s256(str(form.get("code_verifier"))) != code.challenge
         ):
             return web.json_response({"error": "invalid_grant"}, status=400)
+        return self._tokens(code.nonce)
+
+    def _tokens(self, nonce: str | None) -> web.Response:
         access_token = self._make_secret("tiny-at")
         refresh_token = self._make_secret("tiny-rt")
-        id_token = self._id_token(code.nonce)
+        id_token = self._id_token(nonce)
         self.issued += [access_token, refresh_token, id_token]
         return web.json_response(
             {
@@ -148,14 +200,15 @@ class TinyIdP:
             "sub": "tiny-sub",
             "iat": now,
             "exp": now + 600,
-            "nonce": nonce,
         }
+        if nonce is not None:  # the device grant has none
+            claims["nonce"] = nonce
         header = {"alg": "RS256", "kid": self._kid}
         key = self._key
         if self.flaw == "nonce":
             claims["nonce"] = "a-nonce-from-another-login"
         elif self.flaw == "no-nonce":
-            del claims["nonce"]
+            claims.pop("nonce", None)
         elif self.flaw == "aud":
             claims["aud"] = "another-client"
         elif self.flaw == "iss":

@@ -13,6 +13,7 @@ from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, READINESS, SERVIC
 from broker.api.problems import OUTCOMES, classify, problem_for
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.grants import Import
+from broker.login import METHODS, DeviceLoginStarted
 from broker.model import GrantSummary, Secret
 
 MAX_MIN_TTL = 86_400
@@ -191,11 +192,12 @@ async def revoke_grant(request: web.Request) -> web.Response:
     )
 
 
-_LOGIN_FIELDS = {"provider", "user", "force"}
+_LOGIN_FIELDS = {"provider", "user", "force", "method"}
 
 
 async def start_login(request: web.Request) -> web.Response:
-    """POST /v1/logins: a pending login and the URL to send the user to."""
+    """POST /v1/logins: a pending login, and where to send the person (code flow) or what to
+    tell them (device grant); 200 instead of 201 when a device login was already pending."""
     _require_admin(request)
     body = await _json_object(request)
     unknown = sorted(set(body) - _LOGIN_FIELDS)
@@ -204,9 +206,22 @@ async def start_login(request: web.Request) -> web.Response:
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise BadRequest("force must be true or false")
-    started = await request.app[LOGINS].start(
-        _string(body, "provider"), _string(body, "user"), force, request.app[CLOCK]()
+    method = body.get("method")
+    if "method" in body and method not in METHODS:
+        raise BadRequest(f"method must be one of {', '.join(METHODS)}")
+    started = await request.app[LOGINS].begin(
+        _string(body, "provider"), _string(body, "user"), force, method, request.app[CLOCK]()
     )
+    if isinstance(started, DeviceLoginStarted):
+        device: dict[str, Any] = {
+            "login_id": started.login_id,
+            "verification_uri": started.verification_uri,
+            "user_code": started.user_code,
+            "expires_at": rfc3339(started.expires_at),
+        }
+        if started.verification_uri_complete is not None:
+            device["verification_uri_complete"] = started.verification_uri_complete
+        return _json(device, status=200 if started.joined else 201, headers=NO_STORE)
     return _json(
         {
             "login_id": started.login_id,

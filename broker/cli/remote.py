@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,13 @@ from broker.cli.common import (
     EXIT_USAGE,
     CliError,
     call,
+    now,
     options,
     print_json,
     table,
 )
+
+EXPIRY_GRACE_SECONDS = 5.0  # the daemon reads a login past its expiry as failed
 
 
 def _read_secret(source: str) -> str:
@@ -122,32 +127,98 @@ def cmd_grants_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    """Log a user in: print the authorize URL, wait for the redirect to complete the login."""
-    body = {"provider": args.provider, "user": args.user, "force": args.force}
-    started = call(args, "POST", "/v1/logins", body)
-    print(started["authorize_url"], flush=True)
-    if not args.no_browser:
-        import webbrowser
+    """Log a user in: print where to go (and the code to enter there), wait until it completes.
 
-        if not webbrowser.open(started["authorize_url"]):
-            print("token-broker: no browser here; open the URL above", file=sys.stderr)
+    Without --device the daemon chooses: the device grant when no callback listener serves the
+    provider's redirect and the provider offers a device endpoint, else the code flow.
+    """
+    body: dict[str, Any] = {"provider": args.provider, "user": args.user, "force": args.force}
+    if args.device:
+        body["method"] = "device"
+    started = call(args, "POST", "/v1/logins", body)
+    if "user_code" in started:
+        _show_device_login(started, args.json)
+        where = "at the provider"
+    else:
+        print(started["authorize_url"], flush=True)
+        if not args.no_browser:
+            import webbrowser
+
+            if not webbrowser.open(started["authorize_url"]):
+                print("token-broker: no browser here; open the URL above", file=sys.stderr)
+        where = "in the browser"
     print(
-        f"waiting for the login to complete in the browser (until {started['expires_at']})...",
+        f"waiting for the login to complete {where} (until {started['expires_at']})...",
         file=sys.stderr,
         flush=True,
     )
-    deadline = time.monotonic() + args.timeout
+    try:
+        status = _wait_for_login(args, started)
+    except KeyboardInterrupt:
+        if "user_code" in started:
+            print(
+                "token-broker: the login goes on in the daemon until it expires; run the same "
+                "command again to see its code and wait for it",
+                file=sys.stderr,
+            )
+        raise
+    print(f"logged in: {args.provider}/{args.user}", file=sys.stderr)
+    if args.json:  # after the URL's own line: the outcome, for scripts
+        print_json({"login_id": started["login_id"], **status})
+    return EXIT_OK
+
+
+def _show_device_login(started: dict[str, Any], as_json: bool) -> None:
+    """The verification URI and the user code on lines of their own (or, for scripts, the
+    pending login as one line of JSON), and a QR code of the complete URI on a terminal."""
+    if as_json:
+        print(json.dumps(started, sort_keys=True), flush=True)
+        return
+    print("On any device with a browser, open this page and enter the code:", file=sys.stderr)
+    print(started["verification_uri"], flush=True)
+    print(started["user_code"], flush=True)
+    complete = started.get("verification_uri_complete")
+    if complete and sys.stdout.isatty():
+        picture = qr_code(complete)
+        if picture is not None:
+            print("or scan this code with a phone (it carries the code too):", file=sys.stderr)
+            sys.stdout.write(picture)
+            sys.stdout.flush()
+
+
+def qr_code(text: str) -> str | None:
+    """`text` as a QR code in Unicode half blocks; None when stdout cannot show them."""
+    import io
+
+    import segno
+
+    picture = io.StringIO()
+    segno.make(text, micro=False).terminal(out=picture, compact=True, border=2)
+    value = picture.getvalue()
+    encoding = sys.stdout.encoding or "ascii"
+    try:
+        value.encode(encoding)
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _wait_for_login(args: argparse.Namespace, started: dict[str, Any]) -> dict[str, Any]:
+    """Poll the login until it completes (its status) or fails (CliError, exit 1)."""
+    if args.timeout is not None:
+        limit = args.timeout
+    else:  # the login's own lifetime, and a little more to read its end
+        expires_at = datetime.fromisoformat(started["expires_at"])
+        limit = max((expires_at - now()).total_seconds(), 0.0) + EXPIRY_GRACE_SECONDS
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        status = call(args, "GET", f"/v1/logins/{started['login_id']}")
+        status: dict[str, Any] = call(args, "GET", f"/v1/logins/{started['login_id']}")
         if status["state"] == "complete":
-            print(f"logged in: {args.provider}/{args.user}", file=sys.stderr)
-            if args.json:  # after the URL's own line: the outcome, for scripts
-                print_json({"login_id": started["login_id"], **status})
-            return EXIT_OK
+            return status
         if status["state"] == "failed":
             raise CliError(f"login failed: {status.get('error', 'no reason given')}")
         time.sleep(args.poll_interval)
-    raise CliError(f"gave up waiting after {args.timeout:g} s; the login may still complete")
+    raise CliError(f"gave up waiting after {limit:g} s; the login may still complete")
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -232,14 +303,24 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "login",
         parents=[client],
-        help="log a user in (authorization code + PKCE)",
-        description="Ask the daemon for a login, print the authorize URL on its own line, open "
-        "a browser unless --no-browser, and wait until the provider redirects back to the "
-        "callback listener. On a headless server, open the URL elsewhere and forward the "
-        "callback port (ssh -L 8000:127.0.0.1:8000 HOST).",
+        help="log a user in (authorization code + PKCE, or --device)",
+        description="Ask the daemon for a login and wait until it completes (exit 0) or fails "
+        "(exit 1). The code flow prints the authorize URL on its own line and opens a browser "
+        "unless --no-browser; the provider redirects back to the callback listener (on a "
+        "headless server, forward its port: ssh -L 8000:127.0.0.1:8000 HOST). With --device "
+        "(RFC 8628) it prints a URL and a code on lines of their own (and a QR code on a "
+        "terminal): open the URL on any device, enter the code, and the daemon, which polls "
+        "the provider itself, stores the grant; the login goes on if this command is "
+        "interrupted. Without --device, a provider whose redirect no callback listener serves "
+        "and that offers a device endpoint gets the device grant.",
     )
     p.add_argument("provider")
     p.add_argument("user", help="the label for this grant: [A-Za-z0-9._@-]{1,128}")
+    p.add_argument(
+        "--device",
+        action="store_true",
+        help="use the device authorization grant: no browser or callback on this machine",
+    )
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
     p.add_argument(
         "--force", action="store_true", help="replace a grant held by another account (sub)"
@@ -247,9 +328,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=600.0,
+        default=None,
         metavar="SECONDS",
-        help="how long to wait (default: 600, the login's own lifetime)",
+        help="how long to wait (default: until the login expires: 10 minutes for the code "
+        "flow, the provider's code lifetime for --device)",
     )
     p.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_login)

@@ -21,6 +21,14 @@ from joserfc.jwk import KeySet
 
 from broker.config import ProviderConfig
 from broker.errors import IdpError, IdpNotProcessed, IdpUnreachable, IdTokenInvalid, StartupError
+from broker.idp.device import (
+    GRANT_TYPE,
+    DeviceAuthorization,
+    PollOutcome,
+    parse_device_authorization,
+    poll_outcome,
+    unanswered,
+)
 from broker.idp.http import send
 from broker.idp.idtoken import unverified_kid, validate_id_token
 from broker.idp.metadata import ProviderMetadata, discover
@@ -214,6 +222,41 @@ class ProviderClient:
                 "code_verifier": verifier,
             }
         )
+
+    async def device_authorization(self, endpoint: str) -> DeviceAuthorization:
+        """Ask for a device code and a user code (RFC 8628 section 3.1); no PKCE in this grant."""
+        url, headers, body = self._authenticate(endpoint, {"scope": " ".join(self.config.scopes)})
+        response = await send(self._session, "POST", url, data=body, headers=headers)
+        return parse_device_authorization(response)
+
+    async def poll_device(self, device_code: Secret, interval: int) -> PollOutcome:
+        """Ask the token endpoint once whether the person has approved (section 3.4)."""
+        form = {"grant_type": GRANT_TYPE, "device_code": device_code.reveal()}
+        try:
+            metadata = await self.metadata()
+            url, headers, body = self._authenticate(metadata.token_endpoint, form)
+            response = await send(self._session, "POST", url, data=body, headers=headers)
+        except IdpError as exc:
+            # Nothing is spent by asking again: a device code is no refresh token.
+            return unanswered(interval, str(exc))
+        return poll_outcome(response, interval, self.config.client_id)
+
+    async def userinfo(self, access_token: Secret) -> dict[str, Any]:
+        """The UserInfo answer (OpenID Connect Core 5.3) for this access token."""
+        metadata = await self.metadata()
+        if metadata.userinfo_endpoint is None:
+            raise IdpError(f"provider {self.name} has no userinfo_endpoint")
+        headers = {"Authorization": f"Bearer {access_token.reveal()}", "Accept": "application/json"}
+        response = await send(self._session, "GET", metadata.userinfo_endpoint, headers=headers)
+        if response.status != 200:
+            raise IdpError(f"{metadata.userinfo_endpoint.split('?')[0]} answered {response.status}")
+        try:
+            claims = json.loads(response.body)
+        except (ValueError, RecursionError):
+            claims = None
+        if not isinstance(claims, dict):
+            raise IdpError("the userinfo endpoint answered with something other than a JSON object")
+        return claims
 
     async def refresh(self, refresh_token: Secret) -> TokenResponse:
         """Spend a refresh token, with the metadata `prepare` resolved (no discovery here).

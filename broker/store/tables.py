@@ -123,14 +123,15 @@ grant_deletions = Table(
 )
 
 # Logins in progress. The state is kept only as its SHA-256; nonce and PKCE verifier are sealed
-# and erased once the login finishes.
+# and erased once the login finishes. A device login (RFC 8628, migration 0006) has no state:
+# the provider's answer, device code included, is sealed in `device` and erased the same way.
 logins = Table(
     "logins",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("provider", String(64), nullable=False),
     Column("user_name", String(128), nullable=False),
-    Column("state_hash", String(64), nullable=False, unique=True),
+    Column("state_hash", String(64), nullable=True, unique=True),
     Column("nonce", LargeBinary, nullable=True),
     Column("code_verifier", LargeBinary, nullable=True),
     Column("key_id", String(64), nullable=True),
@@ -140,6 +141,8 @@ logins = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
+    Column("method", String(16), nullable=False, server_default="code"),
+    Column("device", LargeBinary, nullable=True),
     Index(None, "expires_at"),
 )
 

@@ -6,9 +6,12 @@
   pins the issuer to another origin (tests.faultproxy's `proxied_idp_factory` puts the fault
   proxy there). RFC 7662 introspection at /o/introspect/ also answers for refresh tokens and
   lets the public client ask by its client_id (django_project/introspection.py); both
-  discovery documents name it.
+  discovery documents name it. A second public client, "broker-device" (`device_client_id`),
+  is allowed only the device grant (RFC 8628); the RFC 8414 document names the device
+  authorization endpoint.
 - `browser`: `login()` drives its real login and consent forms the way a browser does;
-  `Pkce` and `authorize_url()` build requests the way the broker does.
+  `enter_user_code()` signs in at DOT's device page, enters a user code and accepts or
+  denies; `Pkce` and `authorize_url()` build requests the way the broker does.
 - `netid`: netID-style fakes (seed 001) on aiohttp test servers: `netid_factory`.
 
 Test-only endpoints of the Django IdP (loopback only, no auth):
@@ -25,17 +28,28 @@ Test-only endpoints of the Django IdP (loopback only, no auth):
   token requests with that status before DOT sees them; {"token_delay": 2.5, "count": N}
   holds the next N answers back after DOT has processed (and committed) them; {"clear": true}.
 - POST /test/settings: {"access_token_lifetime": s, "refresh_grace": s, "reuse_protection": b,
-  "introspection": b} (false: /o/introspect/ refuses the client with 401 invalid_client).
+  "introspection": b, "device_interval": s (default 1), "device_expires_in": s (default 600)}
+  (introspection false: /o/introspect/ refuses the client with 401 invalid_client; the device
+  settings apply to device codes issued afterwards).
 - GET /test/users: username -> `sub`.
 
 The fixtures live here, so a test module (or conftest.py) imports the ones it uses.
 """
 
-from tests.idp.browser import LoginError, LoginResult, Pkce, authorize_url, login
+from tests.idp.browser import (
+    DeviceResult,
+    LoginError,
+    LoginResult,
+    Pkce,
+    authorize_url,
+    enter_user_code,
+    login,
+)
 from tests.idp.fixture import DjangoIdP, DjangoIdPFactory, django_idp_factory, start_django_idp
 from tests.idp.netid import NetIDFactory, NetIDFake, netid_factory
 
 __all__ = [
+    "DeviceResult",
     "DjangoIdP",
     "DjangoIdPFactory",
     "LoginError",
@@ -45,6 +59,7 @@ __all__ = [
     "Pkce",
     "authorize_url",
     "django_idp_factory",
+    "enter_user_code",
     "login",
     "netid_factory",
     "start_django_idp",

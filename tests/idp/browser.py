@@ -5,6 +5,10 @@ IdP's redirects, fills Django's login form (cookies, the CSRF token from the for
 DOT's consent form (Authorize, or Cancel when `approve=False`) and stops at the first redirect
 to the authorize URL's `redirect_uri`, which it follows only when asked to. It speaks to the
 real forms over HTTP with aiohttp, so it can run on the same event loop as a broker under test.
+
+`enter_user_code()` does what a person does with a device login's verification URI (RFC 8628):
+opens it, signs in, enters the user code on DOT's device page (or keeps the one the complete
+URI filled in) and presses Accept, or Deny when `approve=False`.
 """
 
 from __future__ import annotations
@@ -87,18 +91,30 @@ def authorize_url(
     return f"{endpoint}?{urlencode(params)}"
 
 
+@dataclass(frozen=True)
+class DeviceResult:
+    """Where DOT's device pages ended: the heading of its status page ("Device Authorized")."""
+
+    heading: str
+
+
 @dataclass
 class _Form:
     id: str
     action: str
     fields: list[tuple[str, str, str]] = field(default_factory=list)  # (type, name, value)
+    buttons: list[tuple[str, str]] = field(default_factory=list)  # (name, value) of submits
 
 
 class _FormParser(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.forms: list[_Form] = []
+        self.headings: list[str] = []
+        self.errors: list[str] = []  # the items of Django's form error lists
         self._open: _Form | None = None
+        self._text: list[str] | None = None  # collecting an <h1> or an error <li>
+        self._in_errors = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attr = {k: v or "" for k, v in attrs}
@@ -108,16 +124,36 @@ class _FormParser(HTMLParser):
         elif tag == "input" and self._open is not None:
             kind = attr.get("type", "text").lower()
             self._open.fields.append((kind, attr.get("name", ""), attr.get("value", "")))
+        elif tag == "button" and self._open is not None and attr.get("name"):
+            self._open.buttons.append((attr["name"], attr.get("value", "")))
+        elif tag == "ul" and "errorlist" in attr.get("class", ""):
+            self._in_errors = True
+        elif tag == "h1" or (tag == "li" and self._in_errors):
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "form":
             self._open = None
+        elif tag == "ul":
+            self._in_errors = False
+        elif tag in ("h1", "li") and self._text is not None:
+            text = " ".join("".join(self._text).split())
+            (self.headings if tag == "h1" else self.errors).append(text)
+            self._text = None
+
+
+def _parse(html: str) -> _FormParser:
+    parser = _FormParser()
+    parser.feed(html)
+    return parser
 
 
 def _forms(html: str) -> list[_Form]:
-    parser = _FormParser()
-    parser.feed(html)
-    return parser.forms
+    return _parse(html).forms
 
 
 def _same_endpoint(url: str, redirect_uri: str) -> bool:
@@ -194,3 +230,56 @@ async def _arrive(session: aiohttp.ClientSession, target: str, follow: bool) -> 
         return LoginResult(target, params)
     async with session.get(target, allow_redirects=False) as resp:
         return LoginResult(target, params, resp.status, await resp.text())
+
+
+async def enter_user_code(
+    verification_uri: str,
+    username: str,
+    password: str,
+    *,
+    user_code: str | None = None,
+    approve: bool = True,
+) -> DeviceResult:
+    """Sign in at the verification URI, enter the user code, and Accept (or Deny).
+
+    `user_code` may be None when the URI is the complete one, which pre-fills the code. A code
+    the page refuses (unknown, expired, used) raises LoginError with the page's error text.
+    """
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar, timeout=TIMEOUT) as session:
+        url, method, data = verification_uri, "GET", None
+        submitted_login = submitted_code = False
+        for _ in range(MAX_STEPS):
+            async with session.request(method, url, data=data, allow_redirects=False) as resp:
+                body = await resp.text()
+                location = resp.headers.get("Location")
+            if location is not None and resp.status in (301, 302, 303, 307, 308):
+                url, method, data = urljoin(url, location), "GET", None
+                continue
+            if resp.status != 200:
+                raise LoginError(f"{method} {url} -> {resp.status}: {body[:500]}")
+            page = _parse(body)
+            form = page.forms[0] if page.forms else None
+            if form is None:
+                return DeviceResult(page.headings[0] if page.headings else body[:200])
+            names = {name for _, name, _ in form.fields}
+            hidden = {name: value for kind, name, value in form.fields if kind == "hidden"}
+            action = urljoin(url, form.action)
+            if "password" in names:
+                if submitted_login:
+                    raise LoginError(f"the IdP refused the credentials of {username!r}")
+                url, method, data = action, "POST", _fill_login(form, username, password)
+                submitted_login = True
+            elif "user_code" in names:
+                if submitted_code:
+                    raise LoginError("the device page refused the code: " + "; ".join(page.errors))
+                given = {name: value for _, name, value in form.fields}["user_code"]
+                code = user_code if user_code is not None else given
+                url, method, data = action, "POST", hidden | {"user_code": code}
+                submitted_code = True
+            elif ("action", "accept") in form.buttons:
+                choice = "accept" if approve else "deny"
+                url, method, data = action, "POST", hidden | {"action": choice}
+            else:
+                raise LoginError(f"no form to submit at {url}: {body[:500]}")
+        raise LoginError(f"gave up after {MAX_STEPS} steps at {url}")

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_ID = "broker-test"
+DEVICE_CLIENT_ID = "broker-device"  # public, allowed only the device grant (RFC 8628)
 DEFAULT_USERS = {"alice": "alice-password", "bob": "bob-password"}
 MIGRATE_TIMEOUT = 120.0
 START_TIMEOUT = 30.0
@@ -150,6 +151,20 @@ class DjangoIdP:
             f"{self.issuer}/.well-known/oauth-authorization-server",
         )
 
+    @property
+    def device_client_id(self) -> str:
+        """The public client allowed the device grant (the other one is the code flow's)."""
+        return DEVICE_CLIENT_ID
+
+    @property
+    def device_authorization_endpoint(self) -> str:
+        return f"{self.issuer}/device-authorization/"
+
+    @property
+    def device_page(self) -> str:
+        """DOT's page where a person enters a user code (the verification URI)."""
+        return f"{self.issuer}/device/"
+
     def _start(self) -> None:
         started = time.monotonic()
         sock = _listen(self.port)
@@ -218,7 +233,9 @@ class DjangoIdP:
         assert status == 200, data
 
     def settings(self, **changes: Any) -> dict[str, Any]:
-        """Change access_token_lifetime, refresh_grace, reuse_protection or introspection."""
+        """Change access_token_lifetime, refresh_grace, reuse_protection, introspection,
+        device_interval or device_expires_in (of device codes issued from then on) while
+        running."""
         status, data = self._request("POST", "/test/settings", changes)
         assert status == 200, data
         return dict(data)

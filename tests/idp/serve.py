@@ -23,6 +23,9 @@ import time
 from typing import NoReturn
 
 CLIENT_ID = "broker-test"
+# A DOT Application allows one grant type: the device grant (RFC 8628) has a public client of
+# its own, with the same settings otherwise.
+DEVICE_CLIENT_ID = "broker-device"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,24 +61,28 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 def _provision(redirect_uris: list[str], users: list[str]) -> None:
-    """Create (or, after a restart, update) the public client and the users."""
+    """Create (or, after a restart, update) the public clients and the users."""
     from django.contrib.auth import get_user_model
     from oauth2_provider.models import get_application_model  # type: ignore[import-untyped]
 
     application = get_application_model()
-    application.objects.update_or_create(
-        client_id=CLIENT_ID,
-        defaults={
-            "name": "token-broker tests",
-            "client_type": application.CLIENT_PUBLIC,
-            "authorization_grant_type": application.GRANT_AUTHORIZATION_CODE,
-            "algorithm": application.RS256_ALGORITHM,
-            "redirect_uris": " ".join(redirect_uris),
-            "client_secret": "",
-            "hash_client_secret": False,
-            "skip_authorization": False,
-        },
-    )
+    for client_id, grant_type, uris in (
+        (CLIENT_ID, application.GRANT_AUTHORIZATION_CODE, redirect_uris),
+        (DEVICE_CLIENT_ID, application.GRANT_DEVICE_CODE, []),
+    ):
+        application.objects.update_or_create(
+            client_id=client_id,
+            defaults={
+                "name": "token-broker tests",
+                "client_type": application.CLIENT_PUBLIC,
+                "authorization_grant_type": grant_type,
+                "algorithm": application.RS256_ALGORITHM,
+                "redirect_uris": " ".join(uris),
+                "client_secret": "",
+                "hash_client_secret": False,
+                "skip_authorization": False,
+            },
+        )
     user_model = get_user_model()
     for entry in users:
         name, _, password = entry.partition(":")

@@ -21,6 +21,10 @@ class Runtime:
     refresh_grace: int
     reuse_protection: bool
     introspection: bool = True  # False: /o/introspect/ refuses every caller (invalid_client)
+    # RFC 8628: the polling interval (DOT's default is 5 s; 1 keeps the tests quick) and the
+    # life of the device and user codes it hands out.
+    device_interval: int = 1
+    device_expires_in: int = 600
 
     @classmethod
     def from_env(cls) -> Runtime:
@@ -48,6 +52,10 @@ class Runtime:
             oauth2_settings.REFRESH_TOKEN_REUSE_PROTECTION = self.reuse_protection
         if "introspection" in changes:
             self.introspection = bool(changes["introspection"])
+        if "device_interval" in changes:
+            self.device_interval = int(changes["device_interval"])
+        if "device_expires_in" in changes:
+            self.device_expires_in = int(changes["device_expires_in"])
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +63,8 @@ class Runtime:
             "refresh_grace": self.refresh_grace,
             "reuse_protection": self.reuse_protection,
             "introspection": self.introspection,
+            "device_interval": self.device_interval,
+            "device_expires_in": self.device_expires_in,
         }
 
 

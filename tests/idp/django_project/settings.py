@@ -63,6 +63,7 @@ SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
 # Test users only: hashing with PBKDF2's million rounds would cost ~0.3 s per login.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LOGIN_URL = "/accounts/login/"
+DEVICE_PAGE = f"{ISSUER}/device/"
 
 OAUTH2_PROVIDER = {
     "OAUTH2_VALIDATOR_CLASS": "tests.idp.django_project.validator.CountingValidator",
@@ -86,6 +87,10 @@ OAUTH2_PROVIDER = {
     # document and every ID token agree byte for byte. Every endpoint URL in both documents
     # takes its origin from it, so an issuer at a proxy's origin routes clients through it.
     "OIDC_ISS_ENDPOINT": ISSUER,
+    # RFC 8628: where a person enters the user code (DOT's own page, which pre-fills the code
+    # from ?user_code=). The interval and the codes' lifetime come from RUNTIME (views.py).
+    "OAUTH_DEVICE_VERIFICATION_URI": DEVICE_PAGE,
+    "OAUTH_DEVICE_VERIFICATION_URI_COMPLETE": DEVICE_PAGE + "?user_code={user_code}",
 }
 
 LOGGING = {

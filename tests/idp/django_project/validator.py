@@ -5,6 +5,10 @@
 superseded (the access token it minted is alive); otherwise, with reuse protection on, DOT
 revokes the whole family (`RefreshToken.revoke_family`) and refuses. The wrapper repeats the
 lookup to tell those cases apart and counts them; it changes no outcome.
+
+`validate_device_code` is what oauthlib 4 asks of a validator when a device polls the token
+endpoint, and DOT 3.4.1 predates it: it answers from DOT's own DeviceGrant row, the way DOT's
+token view already decides before calling oauthlib.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ import hashlib
 from typing import Any
 
 from django.db.models import F
-from oauth2_provider.models import get_refresh_token_model  # type: ignore[import-untyped]
+from oauth2_provider.models import (  # type: ignore[import-untyped]
+    get_device_grant_model,
+    get_refresh_token_model,
+)
 from oauth2_provider.oauth2_validators import OAuth2Validator  # type: ignore[import-untyped]
 from oauth2_provider.settings import oauth2_settings  # type: ignore[import-untyped]
+from oauthlib.oauth2.rfc8628.grant_types import (  # type: ignore[import-untyped]
+    DeviceCodeGrant,
+)
 
 from tests.idp.django_project.runtime import STATS
 
@@ -43,6 +53,23 @@ class CountingValidator(OAuth2Validator):  # type: ignore[misc]
             elif oauth2_settings.REFRESH_TOKEN_REUSE_PROTECTION and row.token_family:
                 STATS.add("reuse_family_revocations")
         return valid
+
+    def validate_device_code(self, client_id: str, code: str, request: Any) -> str | None:
+        model = get_device_grant_model()
+        device = model.objects.filter(device_code=code, client_id=client_id).first()
+        if device is None:
+            return None
+        if device.status == model.AUTHORIZED:
+            request.user = device.user
+            request.scopes = device.scope.split()
+            return str(DeviceCodeGrant.DEVICE_CODE_AUTHORIZED)
+        statuses = {
+            model.AUTHORIZATION_PENDING: DeviceCodeGrant.DEVICE_CODE_PENDING,
+            model.DENIED: DeviceCodeGrant.DEVICE_CODE_DENIED,
+            model.EXPIRED: DeviceCodeGrant.DEVICE_CODE_EXPIRED,
+        }
+        status = statuses.get(device.status)
+        return None if status is None else str(status)
 
     def get_additional_claims(self, request: Any) -> dict[str, Any]:
         # DOT maps preferred_username to the "profile" scope (oidc_claim_scope).
