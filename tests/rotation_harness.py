@@ -213,8 +213,16 @@ refresh_grace = {json.dumps(refresh_grace)}
             await self._session.close()
             self._session = None
 
-    async def call(self, method: str, path: str, body: object | None = None) -> Reply:
-        async with self.session().request(method, "http://broker" + path, json=body) as resp:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        wait: aiohttp.ClientTimeout | None = None,
+    ) -> Reply:
+        async with self.session().request(
+            method, "http://broker" + path, json=body, timeout=wait or HTTP_TIMEOUT
+        ) as resp:
             return Reply(resp.status, dict(resp.headers), await resp.read())
 
     async def token(self, user: str, min_ttl: int | None = None) -> Reply:
@@ -230,8 +238,11 @@ refresh_grace = {json.dumps(refresh_grace)}
         assert reply.status == 200, reply.body
         return {g["user"]: g for g in reply.json()}
 
-    async def refresh(self, user: str) -> Reply:
-        return await self.call("POST", f"/v1/grants/{PROVIDER}/{user}/refresh")
+    async def refresh(self, user: str, seconds: float | None = None) -> Reply:
+        """POST .../refresh: the broker answers once the refresh ended (or after its own wait,
+        35 s); give longer `seconds` when the provider is made slow on purpose."""
+        wait = None if seconds is None else aiohttp.ClientTimeout(total=seconds)
+        return await self.call("POST", f"/v1/grants/{PROVIDER}/{user}/refresh", wait=wait)
 
     async def log_in(self, user: str, password: str) -> None:
         """Log `user` in through the real flow: POST /v1/logins, the IdP's forms, the callback."""

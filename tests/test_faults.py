@@ -270,8 +270,9 @@ class Lab:
 
 
 async def admin_refresh(lab: Lab, user: str) -> None:
-    """Refresh the grant now, as an operator would, and wait for the answer."""
-    await lab.broker.refresh(user)
+    """Refresh the grant now, as an operator would, and wait for the answer (the broker waits
+    at most 35 s for a refresh before it answers)."""
+    await lab.broker.refresh(user, seconds=60)
 
 
 def armed(route: Route, fault: Fault, **options: Any) -> Callable[[Lab, str], Awaitable[None]]:
