@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo run test lint typecheck imports pytest bench clean
+.PHONY: help demo run test lint typecheck imports pytest faults fleet acceptance bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,14 @@ imports: $(STAMP)  ## the layering contracts of pyproject.toml
 
 pytest: $(STAMP)  ## the tests (starts its own PostgreSQL when the server binaries exist)
 	$(BIN)/pytest
+
+faults: $(STAMP)  ## the fault matrix (every fault x grace x store, ~8 min); prints the table
+	$(BIN)/pytest -m faults tests/test_faults.py
+
+fleet: $(STAMP)  ## three brokers on one PostgreSQL at the real IdP, with kills and outages (~12 min)
+	$(BIN)/pytest -m fleet tests/test_fleet_acceptance.py -s
+
+acceptance: faults fleet  ## the long acceptance runs CI makes after `make test`
 
 bench: $(STAMP)  ## token-path benchmark against a bare aiohttp handler
 	$(BIN)/python -m bench.token_path

@@ -51,8 +51,11 @@ RETRY_AFTER_SECONDS = 30
 # How long a caller waits for a refresh it needs; an admin's refresh may take the whole call.
 CALLER_WAIT_SECONDS = 10.0
 ADMIN_WAIT_SECONDS = MAX_CALL_SECONDS + 5
-# A token issued this recently is not refreshed again for a caller's min_ttl.
+# A token issued this recently (at most this share of its life ago) is not refreshed again for
+# a caller's min_ttl: a caller asking more life than the provider gives must not cost a
+# rotation per call.
 MIN_REFRESH_INTERVAL = timedelta(seconds=5)
+MIN_REFRESH_SHARE = 0.25
 # From this long before a grant's refresh time, the token path confirms with the store that no
 # other process sharing it is rotating the grant; a store slower than this is not waited for.
 NEAR_REFRESH = timedelta(seconds=2)
@@ -290,7 +293,14 @@ class GrantService:
         just_issued = (
             grant.access_ttl(now) > 0
             and grant.access_issued_at is not None
-            and (now - grant.access_issued_at < MIN_REFRESH_INTERVAL)
+            and grant.access_expires_at is not None
+            and (
+                now - grant.access_issued_at
+                < min(
+                    MIN_REFRESH_INTERVAL,
+                    (grant.access_expires_at - grant.access_issued_at) * MIN_REFRESH_SHARE,
+                )
+            )
         )
         gate_closed = self._refresher.retry_after(grant.provider) is not None
         return not in_backoff and not just_issued and not gate_closed
