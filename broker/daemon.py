@@ -271,7 +271,14 @@ class Daemon:
             jitter=refresh.jitter,
         )
         server_time = await self._follow_server_clock(store.nodes)
-        fleet = Fleet(store.nodes, this_node(), self.clock, lease=LEASE, server_time=server_time)
+        fleet = Fleet(
+            store.nodes,
+            this_node(),
+            self.clock,
+            lease=LEASE,
+            server_time=server_time,
+            metrics=metrics,
+        )
         listener = None
         if self.config.store.postgresql:
             listener = PgListener(*listener_params(self.config.store))
@@ -296,6 +303,7 @@ class Daemon:
             fleet=fleet,
         )
         fleet.in_flight = refresher.in_flight  # whose leases the heartbeat renews
+        store.grants.judging = fleet.judging  # no time-based takeovers right after an outage
         await fleet.join()
         stack.push_async_callback(fleet.leave)
         background = Tasks()

@@ -32,6 +32,7 @@ import structlog
 
 import broker
 from broker.errors import StoreError
+from broker.metrics import Metrics
 from broker.store.nodes import Member, NodeInfo, NodeRepository
 
 HEARTBEAT = 2.0  # seconds between heartbeats
@@ -115,6 +116,7 @@ class Fleet:
         *,
         lease: timedelta,
         server_time: ServerTime | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.nodes = nodes
         self.me = me
@@ -123,13 +125,18 @@ class Fleet:
         self.in_flight: Callable[[], list[str]] = list
         self._lease = lease
         self._server_time = server_time
+        self._metrics = metrics
         self.peers: frozenset[str] = frozenset()
         self.last_beat: float | None = None  # monotonic time of the last heartbeat stored
+        # Since when (monotonic) every heartbeat has reached the store, without a break.
+        self.steady_since: float | None = None
 
     async def join(self) -> None:
         """Register this node (alive from now)."""
         await self.nodes.register(self.me, self._clock())
-        self.last_beat = time.monotonic()
+        self.last_beat = self.steady_since = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.store_up.set(1)
         await self.survey()
         log.info("node_joined", node=self.me.id, peers=len(self.peers))
 
@@ -141,6 +148,12 @@ class Fleet:
                 await self.beat()
             except StoreError as exc:
                 log.warning("heartbeat_failed", reason=str(exc))
+                self.steady_since = None
+                if self._metrics is not None:
+                    self._metrics.store_up.set(0)
+            else:
+                if self._metrics is not None:
+                    self._metrics.store_up.set(1)
 
     async def beat(self) -> None:
         """One heartbeat: stamp it, renew the leases of calls in flight, look around."""
@@ -156,6 +169,8 @@ class Fleet:
                 await self.nodes.register(self.me, self._clock())
             return
         self.last_beat = time.monotonic()
+        if self.steady_since is None:
+            self.steady_since = self.last_beat
         if self._server_time is not None:
             server = await self.nodes.server_time()
             if server is not None:
@@ -183,6 +198,14 @@ class Fleet:
         if secrets.randbelow(100) == 0:  # now and then, forget nodes long gone
             await self.nodes.purge(now, PURGE_AFTER)
         return members
+
+    def judging(self) -> bool:
+        """Whether this node has reached the store without a break for a whole node_timeout:
+        only then has it seen every live node's heartbeat, and may it take a lapsed lease or a
+        silent node for dead."""
+        if self.steady_since is None:
+            return False
+        return time.monotonic() - self.steady_since >= self.nodes.node_timeout.total_seconds()
 
     def problem(self, node_timeout: timedelta) -> str | None:
         """Why this node is not a healthy member of the fleet, or None."""

@@ -139,6 +139,11 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.store_up = Gauge(
+            PREFIX + "store_up",
+            "1 while this broker's heartbeat reaches the store; 0 when it has not for a beat.",
+            registry=r,
+        )
         self.fleet_change_lag = Histogram(
             PREFIX + "fleet_change_lag_seconds",
             "From a write committed by another broker (or process) sharing the store to its "

@@ -230,3 +230,49 @@ async def test_claims_respect_max_concurrency_across_brokers(
     assert len(set(ids)) == 4
     assert await repo_b.claim_due("p", b.id, NOW, LEASE, capacity=4, limit=3) == []
     assert len(await repo_b.claim_due("q", b.id, NOW, LEASE, capacity=4, limit=3)) == 1
+
+
+async def test_after_an_outage_no_lease_is_taken_by_time_until_the_node_has_beaten_a_while(
+    engine: AsyncEngine, keyring: Keyring
+) -> None:
+    """When the store was down, every heartbeat is stale and leases may have lapsed: a broker
+    that has not reached the store for a whole node_timeout takes no lease by time (the owner
+    may be alive and about to commit), only leases of nodes marked stopped (7, 9)."""
+    timeout = timedelta(seconds=2)
+    repo = GrantRepository(engine, keyring, node_timeout=timeout)
+    nodes = NodeRepository(engine, timeout)
+    a, b, c = this_node(), this_node(), this_node()
+    for node in (a, b, c):
+        await nodes.register(node, NOW)
+    alice = await repo.insert(grant_of("p", "alice", NOW), NOW)
+    bob = await repo.insert(grant_of("p", "bob", NOW), NOW)
+    lapsed = await repo.claim(alice, a.id, NOW, timedelta(seconds=1))
+    silent = await repo.claim(bob, c.id, NOW, timedelta(hours=1))
+    assert lapsed.grant is not None
+    assert silent.grant is not None
+    stale = NOW + timeout + timedelta(seconds=2)
+    if engine.dialect.name == "postgresql":
+        await asyncio.sleep(timeout.total_seconds() + 1)
+    repo.judging = lambda: False
+    assert (await repo.claim(lapsed.grant, b.id, stale, LEASE)).outcome is ClaimOutcome.HELD
+    assert (await repo.claim(silent.grant, b.id, stale, LEASE)).outcome is ClaimOutcome.HELD
+    await nodes.stop([c.id], stale)
+    assert (await repo.claim(silent.grant, b.id, stale, LEASE)).outcome is ClaimOutcome.CLAIMED
+    repo.judging = lambda: True
+    assert (await repo.claim(lapsed.grant, b.id, stale, LEASE)).outcome is ClaimOutcome.CLAIMED
+
+
+async def test_a_node_judges_others_only_after_reaching_the_store_for_a_node_timeout(
+    engine: AsyncEngine,
+) -> None:
+    """Judging needs a node_timeout of unbroken heartbeats since joining (or since the last
+    failed one)."""
+    nodes = NodeRepository(engine, timedelta(seconds=0.3))
+    fleet = Fleet(nodes, this_node(), lambda: NOW, lease=LEASE)
+    assert not fleet.judging()
+    await fleet.join()
+    assert not fleet.judging()
+    await asyncio.sleep(0.35)
+    assert fleet.judging()
+    fleet.steady_since = None  # what a failed heartbeat does
+    assert not fleet.judging()

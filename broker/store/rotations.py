@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,23 +66,30 @@ class RotationWrites:
     _rows: GrantRows
     # A node whose heartbeat is older than this is dead; None: only stopped nodes are.
     node_timeout: timedelta | None = None
+    # Whether this broker may judge other nodes by time (a lapsed lease, a stale heartbeat):
+    # only after it has itself reached the store without a break for a node_timeout. After an
+    # outage of the store every heartbeat is stale and every lease may have lapsed; judged at
+    # once, live brokers would take over each other's refreshes in flight (set by the fleet).
+    judging: Callable[[], bool] = staticmethod(lambda: True)
 
     # -- liveness ------------------------------------------------------------------------------
 
     def _dead_nodes(self, now: datetime) -> Select[tuple[str]]:
         dead: list[ColumnElement[bool]] = [nodes.c.stopped_at.is_not(None)]
-        if self.node_timeout is not None:
+        if self.node_timeout is not None and self.judging():
             dead.append(nodes.c.heartbeat_at < self._db.shifted(now, -self.node_timeout))
         return select(nodes.c.id).where(or_(*dead))
 
     def lease_free_for(self, owner: str | None, now: datetime) -> ColumnElement[bool]:
-        """Whether `owner` (None: anyone) may take a grant's lease now: nobody holds it, it has
-        expired, its owner is dead, or `owner` holds it already."""
+        """Whether `owner` (None: anyone) may take a grant's lease now: nobody holds it, its
+        owner is dead (stopped, or silent past node_timeout), it has expired, or `owner` holds
+        it already. Time-based judgements wait until `judging()` allows them."""
         free: list[ColumnElement[bool]] = [
             grants.c.lease_owner.is_(None),
-            grants.c.lease_expires_at < self._db.now(now),
             grants.c.lease_owner.in_(self._dead_nodes(now)),
         ]
+        if self.judging():
+            free.append(grants.c.lease_expires_at < self._db.now(now))
         if owner is not None:
             free.append(grants.c.lease_owner == owner)
         return or_(*free)
