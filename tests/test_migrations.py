@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,3 +83,18 @@ async def test_require_current_names_the_command_until_migrated(engine: AsyncEng
         await require_current(engine)
     await upgrade(engine)
     await require_current(engine)
+
+
+@pytest.mark.postgres
+async def test_brokers_migrating_one_postgresql_at_once_all_succeed(postgres_url: str) -> None:
+    """Three brokers of a fleet starting together migrate in turn: none fails on a table the
+    other just made, and all end at the head revision."""
+    engines = [create_engine(postgres_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(upgrade(engine) for engine in engines))
+        assert [before for before, _ in results].count(None) == 1  # one migrated, from empty
+        assert all(after == head_revision() for _, after in results)
+        assert await current_revision(engines[0]) == head_revision()
+    finally:
+        for engine in engines:
+            await engine.dispose()

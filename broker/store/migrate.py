@@ -8,12 +8,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import broker
 from broker.errors import StoreError
 from broker.store.engine import writer
+
+MIGRATION_LOCK = 0x746B6272  # an advisory lock key of this application's own ("tkbr")
 
 
 def script_location() -> Path:
@@ -57,6 +60,10 @@ async def upgrade(engine: AsyncEngine, target: str = "head") -> tuple[str | None
         return before
 
     async with writer(engine).begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Brokers of a fleet starting at once migrate one after another, each seeing the
+            # revision the one before it left (SQLite's BEGIN IMMEDIATE does this by itself).
+            await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
         before = await conn.run_sync(run)
     return before, head_revision() if target == "head" else target
 
