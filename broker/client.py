@@ -46,12 +46,23 @@ class BrokerClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: object | None = None) -> Any:
-        """Send one request; the decoded JSON answer, or ApiError / DaemonUnreachable."""
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        *,
+        content_type: str = "application/json",
+    ) -> Any:
+        """Send one request (a body of bytes is sent as it is, as `content_type`; anything else
+        as JSON); the decoded JSON answer, or ApiError / DaemonUnreachable."""
         conn = _UnixConnection(self.socket_path, self.timeout)
         headers = {"Accept": "application/json"}
         payload = None
-        if body is not None:
+        if isinstance(body, bytes):
+            payload = body
+            headers["Content-Type"] = content_type
+        elif body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         try:

@@ -348,21 +348,76 @@ class GrantService:
 
     async def import_grant(self, request: Import, now: datetime) -> tuple[GrantSummary, bool]:
         """Store an imported grant; returns its summary and whether it is new."""
+        existing = await self._repository.get(request.provider, request.user)
+        grant = self._imported(request, existing, now)
+        if existing is None:
+            stored = await self._repository.insert(grant, now)
+        else:
+            stored = await self._repository.replace_tokens(grant, existing.generation, now)
+        self._stored(stored)
+        return GrantSummary.of(stored), existing is None
+
+    async def import_many(self, requests: list[Import], now: datetime) -> list[str]:
+        """Store many imports in one transaction; per import "created", "replaced", or the
+        reason it was refused (a bad address, an existing grant without force, a second line
+        for the same grant). Nothing refused is written; what is accepted is written together.
+        A grant written by someone else meanwhile makes the batch start over, once.
+        """
+        try:
+            return await self._import_many(requests, now)
+        except ConflictError:
+            return await self._import_many(requests, now)
+
+    async def _import_many(self, requests: list[Import], now: datetime) -> list[str]:
+        outcomes: list[str] = [""] * len(requests)
+        existing = await self._repository.get_many([(r.provider, r.user) for r in requests])
+        seen: set[tuple[str, str]] = set()
+        new: list[tuple[int, Grant]] = []
+        replacing: list[tuple[int, Grant, int]] = []
+        for index, request in enumerate(requests):
+            key = (request.provider, request.user)
+            try:
+                if key in seen:
+                    raise BadRequest(f"grant {grant_name(*key)} appears more than once")
+                seen.add(key)
+                current = existing.get(key)
+                grant = self._imported(request, current, now)
+            except BadRequest as exc:
+                outcomes[index] = str(exc)
+                continue
+            if current is None:
+                new.append((index, grant))
+            else:
+                replacing.append((index, grant, current.generation))
+        stored = await self._repository.store_many(
+            [grant for _, grant in new], [(grant, gen) for _, grant, gen in replacing], now
+        )
+        for (index, _grant), grant in zip(new, stored[: len(new)], strict=True):
+            outcomes[index] = "created"
+            self._cache.put(grant)
+        for (index, _grant, _gen), grant in zip(replacing, stored[len(new) :], strict=True):
+            outcomes[index] = "replaced"
+            self._cache.put(grant)
+        if stored and self._refresher is not None:
+            self._refresher.poke()
+        return outcomes
+
+    def _imported(self, request: Import, existing: Grant | None, now: datetime) -> Grant:
+        """The grant an import stores (not yet written); BadRequest when it may not be."""
         provider = self.check_address(request.provider, request.user)
         if request.access_token is not None and request.expires_in is None:
             raise BadRequest("expires_in is required with access_token")
-        expires_at = (
-            None if request.expires_in is None else now + timedelta(seconds=request.expires_in)
-        )
-        if request.access_token is None:
-            expires_at = None
-        tokens = TokenSet(refresh_token=request.refresh_token, access_token=request.access_token)
-        existing = await self._repository.get(request.provider, request.user)
         if existing is not None and not request.force:
             raise BadRequest(
                 f"grant {existing.name} already exists; import with force to replace its tokens"
             )
-        grant = await self._save(
+        expires_at = (
+            None
+            if request.expires_in is None or request.access_token is None
+            else now + timedelta(seconds=request.expires_in)
+        )
+        tokens = TokenSet(refresh_token=request.refresh_token, access_token=request.access_token)
+        return self._grant(
             existing,
             request.provider,
             request.user,
@@ -374,7 +429,6 @@ class GrantService:
             expires_at=expires_at,
             now=now,
         )
-        return GrantSummary.of(grant), existing is None
 
     async def _save(
         self,
@@ -391,7 +445,41 @@ class GrantService:
         now: datetime,
     ) -> Grant:
         """Store a new grant, or new tokens over an existing one (generation + 1); publish it."""
-        grant = Grant(
+        grant = self._grant(
+            existing,
+            provider,
+            user,
+            tokens=tokens,
+            scopes=scopes,
+            sub=sub,
+            claims=claims,
+            token_type=token_type,
+            expires_at=expires_at,
+            now=now,
+        )
+        if existing is None:
+            stored = await self._repository.insert(grant, now)
+        else:
+            stored = await self._repository.replace_tokens(grant, existing.generation, now)
+        self._stored(stored)
+        return stored
+
+    def _grant(
+        self,
+        existing: Grant | None,
+        provider: str,
+        user: str,
+        *,
+        tokens: TokenSet,
+        scopes: tuple[str, ...],
+        sub: str | None,
+        claims: dict[str, Any],
+        token_type: str,
+        expires_at: datetime | None,
+        now: datetime,
+    ) -> Grant:
+        """A new grant, or new tokens over an existing one, as it is to be written."""
+        return Grant(
             id="" if existing is None else existing.id,
             provider=provider,
             user=user,
@@ -407,12 +495,6 @@ class GrantService:
             claims=claims,
             created_at=None if existing is None else existing.created_at,
         )
-        if existing is None:
-            stored = await self._repository.insert(grant, now)
-        else:
-            stored = await self._repository.replace_tokens(grant, existing.generation, now)
-        self._stored(stored)
-        return stored
 
     def gauges(self, now: datetime) -> GrantGauges:
         """Counts by provider and state, and the least access-token life per provider."""

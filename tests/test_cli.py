@@ -505,3 +505,58 @@ async def test_reauth_required_is_exit_3(
     assert "reauth_required" in expired.stderr
     assert expired.stdout == ""
     assert live.returncode == 0, live.stderr
+
+
+def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """`import --jsonl FILE` stores every good line (in batches of one transaction each),
+    replaces with force, and reports each failed line by number and reason, never a token;
+    exit 1 when any failed."""
+    home = make_home(tmp_path)
+    tokens = {f"u{i:04}": new_secret("rt") for i in range(700)}  # more than one request's worth
+    lines = [
+        json.dumps({"provider": "techniek", "user": u, "refresh_token": t})
+        for u, t in tokens.items()
+    ]
+    bad = {
+        702: "{not json",
+        703: json.dumps({"provider": "nowhere", "user": "x", "refresh_token": new_secret("rt")}),
+        704: json.dumps(
+            {"provider": "techniek", "user": "u0001", "refresh_token": new_secret("rt")}
+        ),
+        705: json.dumps({"provider": "techniek", "user": "y", "refresh_token": "two words"}),
+        706: json.dumps({"provider": "techniek", "user": "z", "refresh_token": "x", "colour": 1}),
+    }
+    replaced = json.dumps(
+        {"provider": "techniek", "user": "u0002", "refresh_token": new_secret("rt"), "force": True}
+    )
+    body = "\n".join([*lines, "", *bad.values(), replaced]) + "\n"
+    path = tmp_path / "grants.jsonl"
+    path.write_text(body)
+    config = ["-c", str(home.config)]
+    with running_daemon(home, log_dir):
+        done = cli(home, "import", "--jsonl", str(path), *config, log_dir=log_dir)
+        assert done.returncode == 1, done.stderr
+        assert done.stdout.strip() == "created 700, replaced 1, failed 5"
+        reasons = dict(
+            line.split(": ", 1)
+            for line in done.stderr.strip().splitlines()
+            if line.startswith("line ")
+        )
+        assert set(reasons) == {f"line {n}" for n in bad}
+        assert "JSON" in reasons["line 702"]
+        assert "unknown provider" in reasons["line 703"]
+        assert "already exists" in reasons["line 704"]
+        assert "whitespace" in reasons["line 705"]
+        assert "unknown field" in reasons["line 706"]
+        assert not any(token in done.stdout + done.stderr for token in tokens.values())
+        listed = json.loads(cli(home, "grants", "list", "--json", *config).stdout)
+        assert len(listed) == 700
+        assert {g["user"]: g["generation"] for g in listed}["u0002"] == 2
+        again = cli(home, "import", "--jsonl", "-", "--json", *config, stdin=lines[5] + "\n")
+        assert again.returncode == 1
+        answer = json.loads(again.stdout)
+        assert (answer["created"], answer["replaced"]) == (0, 0)
+        assert [f["line"] for f in answer["failed"]] == [1]
+        assert "techniek/u0005 already exists" in answer["failed"][0]["reason"]

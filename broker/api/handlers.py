@@ -20,6 +20,7 @@ MAX_MIN_TTL = 86_400
 MAX_SECRET_CHARS = 16_384
 MAX_EXPIRES_IN = 10 * 365 * 86_400
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+NDJSON = "application/x-ndjson"
 _IMPORT_FIELDS = {
     "provider",
     "user",
@@ -135,9 +136,20 @@ async def get_grant(request: web.Request) -> web.Response:
 
 
 async def import_grant(request: web.Request) -> web.Response:
-    """POST /v1/grants: store a refresh token obtained elsewhere."""
+    """POST /v1/grants: store a refresh token obtained elsewhere; with a body of
+    application/x-ndjson, many at once (one import per line, stored in one transaction)."""
     _require_admin(request)
+    if request.content_type == NDJSON:
+        return await _import_lines(request)
     body = await _json_object(request)
+    summary, created = await request.app[SERVICE].import_grant(
+        import_of(body), request.app[CLOCK]()
+    )
+    return _json(summary_json(summary), status=201 if created else 200)
+
+
+def import_of(body: dict[str, Any]) -> Import:
+    """An import from the body of POST /v1/grants (or one line of a bulk import)."""
     unknown = sorted(set(body) - _IMPORT_FIELDS)
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
@@ -158,19 +170,54 @@ async def import_grant(request: web.Request) -> web.Response:
     refresh_token = _optional_secret(body, "refresh_token")
     if refresh_token is None:
         raise BadRequest("refresh_token is required")
-    summary, created = await request.app[SERVICE].import_grant(
-        Import(
-            provider=_string(body, "provider"),
-            user=_string(body, "user"),
-            refresh_token=refresh_token,
-            access_token=access_token,
-            expires_in=expires_in,
-            scope=None if scope is None else tuple(scope.split()),
-            force=force,
-        ),
-        request.app[CLOCK](),
+    return Import(
+        provider=_string(body, "provider"),
+        user=_string(body, "user"),
+        refresh_token=refresh_token,
+        access_token=access_token,
+        expires_in=expires_in,
+        scope=None if scope is None else tuple(scope.split()),
+        force=force,
     )
-    return _json(summary_json(summary), status=201 if created else 200)
+
+
+async def _import_lines(request: web.Request) -> web.Response:
+    """A bulk import: one result per line (its number counted from 1 in this request's body);
+    a line that is wrong fails alone and says why, never with a secret in the reason."""
+    try:
+        text = (await request.read()).decode()
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8") from None
+    imports: list[tuple[int, Import]] = []
+    failed: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+            json.dumps(body, ensure_ascii=False).encode()  # lone surrogates are not text
+        except (ValueError, UnicodeError, RecursionError):
+            failed.append({"line": number, "reason": "not a JSON object in UTF-8"})
+            continue
+        try:
+            if not isinstance(body, dict):
+                raise BadRequest("the line must be a JSON object")
+            imports.append((number, import_of(body)))
+        except BadRequest as exc:
+            failed.append({"line": number, "reason": str(exc)})
+    outcomes = await request.app[SERVICE].import_many(
+        [item for _, item in imports], request.app[CLOCK]()
+    )
+    created = replaced = 0
+    for (number, _item), outcome in zip(imports, outcomes, strict=True):
+        if outcome == "created":
+            created += 1
+        elif outcome == "replaced":
+            replaced += 1
+        else:
+            failed.append({"line": number, "reason": outcome})
+    failed.sort(key=lambda item: int(item["line"]))
+    return _json({"created": created, "replaced": replaced, "failed": failed})
 
 
 async def refresh_grant(request: web.Request) -> web.Response:

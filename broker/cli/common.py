@@ -45,6 +45,19 @@ def call(args: argparse.Namespace, method: str, path: str, body: object | None =
         raise CliError(f"{exc.detail} ({exc.code})", code) from None
 
 
+def client_call(
+    args: argparse.Namespace, method: str, path: str, body: bytes, content_type: str
+) -> Any:
+    """`call` with a raw body of `content_type`."""
+    try:
+        return client_of(args).call(method, path, body, content_type=content_type)
+    except DaemonUnreachable as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from None
+    except ApiError as exc:
+        code = EXIT_REAUTH if exc.code == "reauth_required" else EXIT_ERROR
+        raise CliError(f"{exc.detail} ({exc.code})", code) from None
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

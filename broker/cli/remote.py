@@ -17,6 +17,7 @@ from broker.cli.common import (
     EXIT_USAGE,
     CliError,
     call,
+    client_call,
     now,
     options,
     print_json,
@@ -37,8 +38,22 @@ def _read_secret(source: str) -> str:
     return value
 
 
+# One request of a bulk import stays under the daemon's 64 KiB body limit.
+BULK_REQUEST_BYTES = 60 * 1024
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    """Import a refresh token obtained elsewhere."""
+    """Import a refresh token obtained elsewhere, or many from a JSON-lines file."""
+    if args.jsonl is not None:
+        if args.provider or args.user or args.refresh_token_file:
+            raise CliError(
+                "give either --jsonl FILE or PROVIDER USER --refresh-token-file", EXIT_USAGE
+            )
+        return _import_jsonl(args)
+    if not (args.provider and args.user and args.refresh_token_file):
+        raise CliError(
+            "import needs PROVIDER USER --refresh-token-file FILE (or --jsonl FILE)", EXIT_USAGE
+        )
     body: dict[str, Any] = {
         "provider": args.provider,
         "user": args.user,
@@ -232,22 +247,79 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _import_jsonl(args: argparse.Namespace) -> int:
+    """Send the file's lines to the daemon in batches (each stored in one transaction) and
+    report created, replaced and failed, with each failed line's number and reason."""
+    try:
+        text = sys.stdin.read() if args.jsonl == "-" else Path(args.jsonl).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8"
+        raise CliError(f"cannot read {args.jsonl}: {reason}") from None
+    totals = {"created": 0, "replaced": 0}
+    failed: list[tuple[int, str]] = []
+    batch: list[tuple[int, str]] = []
+    size = 0
+
+    def send() -> None:
+        if not batch:
+            return
+        body = "\n".join(line for _, line in batch).encode()
+        answer = client_call(args, "POST", "/v1/grants", body, "application/x-ndjson")
+        totals["created"] += int(answer["created"])
+        totals["replaced"] += int(answer["replaced"])
+        failed.extend((batch[int(f["line"]) - 1][0], str(f["reason"])) for f in answer["failed"])
+        batch.clear()
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        encoded = len(line.encode()) + 1
+        if encoded > BULK_REQUEST_BYTES:
+            failed.append((number, f"the line is longer than {BULK_REQUEST_BYTES} bytes"))
+            continue
+        if size + encoded > BULK_REQUEST_BYTES:
+            send()
+            size = 0
+        batch.append((number, line))
+        size += encoded
+    send()
+    failed.sort()
+    if args.json:
+        print_json(
+            {**totals, "failed": [{"line": number, "reason": why} for number, why in failed]}
+        )
+    else:
+        print(f"created {totals['created']}, replaced {totals['replaced']}, failed {len(failed)}")
+        for number, why in failed:
+            print(f"line {number}: {why}", file=sys.stderr)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
 def register(sub: Any) -> None:
     """Add import, grants, login and token to the command parser."""
     client = options(client=True, json_output=True)
     p = sub.add_parser(
         "import",
         parents=[client],
-        help="import a refresh token",
-        description="Import a refresh token obtained outside the broker.",
+        help="import a refresh token, or many",
+        description="Import a refresh token obtained outside the broker "
+        "(PROVIDER USER --refresh-token-file FILE), or many from a JSON-lines file "
+        '(--jsonl FILE: one object per line, as the body of POST /v1/grants: {"provider", '
+        '"user", "refresh_token"[, "access_token", "expires_in", "scope", "force"]}). A bulk '
+        "import prints how many were created, replaced and failed, and each failed line's "
+        "number and reason; it exits 1 if any failed.",
     )
-    p.add_argument("provider")
-    p.add_argument("user")
+    p.add_argument("provider", nargs="?")
+    p.add_argument("user", nargs="?")
     p.add_argument(
         "--refresh-token-file",
-        required=True,
         metavar="FILE",
         help="file holding the refresh token; - reads standard input",
+    )
+    p.add_argument(
+        "--jsonl",
+        metavar="FILE",
+        help="bulk import: a file of JSON objects, one per line; - reads standard input",
     )
     p.add_argument(
         "--access-token-file",

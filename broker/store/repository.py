@@ -25,6 +25,8 @@ from broker.store.sealing import Sealer
 from broker.store.session import Database, take_versions
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
+_IN_BATCH = 500  # values in one SQL IN (...), well under every backend's parameter limit
+
 
 @dataclass(frozen=True, slots=True)
 class DueGrant:
@@ -102,6 +104,24 @@ class GrantRepository(RotationWrites):
             row = (await conn.execute(query)).first()
         return None if row is None else self._rows.open(row)
 
+    async def get_many(self, addresses: list[tuple[str, str]]) -> dict[tuple[str, str], Grant]:
+        """The grants at these PROVIDER/USER addresses that exist, opened."""
+        wanted = set(addresses)
+        found: dict[tuple[str, str], Grant] = {}
+        for provider in {p for p, _ in wanted}:
+            users = [u for p, u in wanted if p == provider]
+            for start in range(0, len(users), _IN_BATCH):
+                query = select(grants).where(
+                    grants.c.provider == provider,
+                    grants.c.user_name.in_(users[start : start + _IN_BATCH]),
+                )
+                async with self._db.read() as conn:
+                    rows = (await conn.execute(query)).all()
+                for row in rows:
+                    grant = self._rows.open(row)
+                    found[(grant.provider, grant.user)] = grant
+        return found
+
     async def get_by_id(self, grant_id: str) -> Grant | None:
         """The grant with this row id, opened, or None."""
         async with self._db.read() as conn:
@@ -136,6 +156,57 @@ class GrantRepository(RotationWrites):
                 f"grant {grant.name} was created by someone else meanwhile"
             ) from None
         return replace(grant, key_id=values["key_id"], version=values["version"])
+
+    async def store_many(
+        self, new: list[Grant], replacing: list[tuple[Grant, int]], now: datetime
+    ) -> list[Grant]:
+        """Insert `new` grants and write each of `replacing` over its row (if still at the
+        expected generation) in one transaction; the stored grants, new ones first.
+
+        ConflictError (and nothing written) when a new grant's address was taken or a replaced
+        row changed meanwhile.
+        """
+        stored: list[Grant] = []
+        try:
+            async with self._db.write() as conn:
+                last = (
+                    await take_versions(conn, len(new) + len(replacing)) if new or replacing else 0
+                )
+                version = last - len(new) - len(replacing)
+                rows = []
+                for grant in new:
+                    version += 1
+                    made = replace(
+                        grant,
+                        id=uuid.uuid4().hex,
+                        generation=1,
+                        created_at=now,
+                        updated_at=now,
+                        version=version,
+                    )
+                    values = {**self._rows.plain(made), **self._rows.sealed(made)}
+                    rows.append(values)
+                    stored.append(replace(made, key_id=values["key_id"]))
+                if rows:
+                    await conn.execute(insert(grants), rows)
+                for grant, expected in replacing:
+                    version += 1
+                    made = replace(grant, generation=expected + 1, updated_at=now, version=version)
+                    values = {**self._rows.plain(made), **self._rows.sealed(made)}
+                    for fixed in ("id", "created_at"):
+                        values.pop(fixed)
+                    result = await conn.execute(
+                        update(grants)
+                        .where(grants.c.id == grant.id, grants.c.generation == expected)
+                        .values(**values)
+                    )
+                    if result.rowcount != 1:
+                        raise ConflictError(f"grant {grant.name} changed meanwhile")
+                    stored.append(replace(made, key_id=values["key_id"]))
+                await self._db.notify(conn, [notice(g.id, g.version) for g in stored])
+        except IntegrityError:
+            raise ConflictError("a grant of this import was created by someone else") from None
+        return stored
 
     async def replace_tokens(self, grant: Grant, expected_generation: int, now: datetime) -> Grant:
         """Write `grant` over its row if the row is still at `expected_generation`."""
