@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
+from broker.agenda import RECHECK, Agenda
 from broker.cache import GrantCache
 from broker.config import ProviderConfig
 from broker.errors import BrokerError, ConflictError, IdpError, StoreError
@@ -134,6 +135,9 @@ class Refresher:
         self._cooldown: dict[str, float] = {}  # grant id -> monotonic time
         self._tasks = Tasks()
         self._wake = asyncio.Event()
+        self._agenda = Agenda()
+        self._starved = False  # the last claim found the provider's capacity in use
+        cache.subscribe(self._agenda.update)
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
         self.heartbeat: float | None = None  # monotonic time of the loop's last round
@@ -281,51 +285,72 @@ class Refresher:
         await self.follower.sync()
 
     async def _start_due(self, now: datetime) -> None:
-        """Claim due grants in batches, per provider, and start a refresh for each claimed."""
+        """Claim the grants the agenda has due, in batches per provider, and start a refresh
+        for each claimed; those that cannot start now go back on the agenda for later."""
         mono = time.monotonic()
-        due = await self._repository.due(now, DUE_BATCH, self._providers.keys())
-        providers = {
-            item.provider
-            for item in due
-            if item.id not in self._inflight
-            and not self.gate(item.provider).closed(mono)
-            and self._cooldown.get(item.id, mono) <= mono
-        }
-        if not providers:
+        wanted: dict[str, list[tuple[Grant, int]]] = defaultdict(list)
+        for grant_id, version in self._agenda.take_due(now, DUE_BATCH):
+            grant = self._cache.by_id(grant_id)
+            if grant is None or grant.version != version or grant.id in self._inflight:
+                continue  # gone, superseded, or being refreshed here: it will be published
+            later = self._not_before(grant, mono)
+            if later is not None:
+                self._agenda.put(grant.id, now + timedelta(seconds=later), version)
+                continue
+            wanted[grant.provider].append((grant, version))
+        if not wanted:
             return
-        shared = self.fleet is not None and bool(self.fleet.peers)
-        if shared:
+        if self.fleet is not None and self.fleet.peers:
             # Every broker wakes at the same due time; a random pause lets a different one
             # win each time, which spreads the refreshes over the fleet.
             await asyncio.sleep(CLAIM_SPREAD_SECONDS * self._rand())
-        for provider in sorted(providers):
-            await self._claim_batch(provider, shared)
+        for provider, grants in sorted(wanted.items()):
+            await self._claim_batch(provider, grants, now)
 
-    async def _claim_batch(self, provider: str, shared: bool) -> None:
+    def _not_before(self, grant: Grant, mono: float) -> float | None:
+        """Seconds until `grant` may be tried here (a local cool-down, a closed gate,
+        held off), or None when it may be now."""
+        if grant.id in self._held:
+            return RECHECK.total_seconds()
+        waits = [self._cooldown.get(grant.id, mono) - mono]
+        gate = self.gate(grant.provider).retry_after(mono)
+        if gate is not None:
+            waits.append(gate)
+        wait = max(waits)
+        return wait if wait > 0 else None
+
+    async def _claim_batch(
+        self, provider: str, grants: list[tuple[Grant, int]], now: datetime
+    ) -> None:
         config, client = self._providers.get(provider), self._clients.get(provider)
         if config is None or client is None or self._stopping:
-            return
+            return  # an unconfigured provider's grants wait for a reload that adds it back
         try:
             await client.prepare()
         except IdpError as exc:
             self._provider_unreachable(provider, exc)
+            for grant, version in grants:
+                self._agenda.put(grant.id, now + RECHECK, version)
             return
-        mono = time.monotonic()
-        cooling = frozenset(gid for gid, until in self._cooldown.items() if until > mono)
-        share = self._max_concurrency
-        if shared and self.fleet is not None:
-            share = max(1, math.ceil(self._max_concurrency / (1 + len(self.fleet.peers))))
         taken_at = time.monotonic()
-        claims = await self._repository.claim_due(
+        batch = await self._repository.claim_ids(
             provider,
             self.owner,
             self._clock(),
             LEASE,
             capacity=self._max_concurrency,
-            limit=share,
-            skip=frozenset(self._inflight) | frozenset(self._held) | cooling,
+            ids=[grant.id for grant, _ in grants],
         )
-        for claim in claims:
+        claimed = {claim.grant.id for claim in batch.claims if claim.grant is not None}
+        for grant, version in grants:
+            if grant.id in claimed:
+                continue
+            # Not tried (no room): as soon as room frees (a refresh ending wakes the loop).
+            # Tried but not claimed: held by another broker, or not due by the store; look
+            # again after a while, or when the grant is published anew.
+            again = now + RECHECK if grant.id in batch.tried else now
+            self._agenda.put(grant.id, again, version)
+        for claim in batch.claims:
             assert claim.grant is not None
             self._took_over(claim)
             lease = Lease(
@@ -333,13 +358,18 @@ class Refresher:
             )
             attempt = Attempt(claim.grant, config, client, lease, claim.recovering)
             self._track(claim.grant, self._run_claimed(attempt))
+        self._starved = len(batch.tried) < len(grants)
 
     async def _sleep_for(self, now: datetime) -> float:
-        """Until the next grant comes due, at most POLL; a refresh ending wakes the loop."""
-        next_due = await self._repository.next_due_at(now, self._providers.keys())
-        if next_due is None or next_due <= now:
-            # Nothing due, or only what is in flight or cooling down: nothing to start now.
+        """Until the next grant comes due, at most POLL; a refresh ending (here or, through the
+        follower, anywhere) wakes the loop sooner."""
+        next_due = self._agenda.next_at()
+        if next_due is None:
             return POLL.total_seconds()
+        if next_due <= now:
+            # Due, but nothing more can start now (the provider's capacity is in use): wait
+            # for a refresh to end.
+            return POLL.total_seconds() if self._starved else 0.0
         return min((next_due - now).total_seconds(), POLL.total_seconds())
 
     def poke(self) -> None:

@@ -54,6 +54,14 @@ class Claim:
     recovering: bool = False  # an intent was open already: an earlier outcome is unknown
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimBatch:
+    """Grants claimed at once, and which the provider's capacity let this broker try."""
+
+    claims: list[Claim]
+    tried: frozenset[str]
+
+
 def notice(grant_id: str, version: int, deleted: bool = False) -> str:
     """The NOTIFY payload announcing a write: a grant and a version, never a token."""
     return f"{grant_id} {version}{' deleted' if deleted else ''}"
@@ -180,10 +188,60 @@ class RotationWrites:
         Due: the refresh time has come, or an intent is open (an unknown outcome to recover).
         The grants are read from the store, so the tokens sent are the stored ones.
         """
+        batch = await self._claim_where(
+            provider,
+            owner,
+            now,
+            lease,
+            capacity=capacity,
+            limit=limit,
+            where=grants.c.id.not_in(list(skip)) if skip else true(),
+        )
+        return batch.claims
+
+    async def claim_ids(
+        self,
+        provider: str,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int,
+        ids: list[str],
+    ) -> ClaimBatch:
+        """Claim those of these grants (of `provider`, due by this broker's agenda) that are
+        due and free, in the order given, within the provider's fleet-wide capacity; which
+        could be tried."""
+        return await self._claim_where(
+            provider,
+            owner,
+            now,
+            lease,
+            capacity=capacity,
+            limit=len(ids),
+            where=grants.c.id.in_(ids),
+            order=ids,
+        )
+
+    async def _claim_where(
+        self,
+        provider: str,
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        capacity: int,
+        limit: int,
+        where: ColumnElement[bool],
+        order: list[str] | None = None,
+    ) -> ClaimBatch:
         async with self._db.write() as conn:
             room = min(limit, await self._room(conn, provider, now, capacity))
             if room < 1:
-                return []
+                return ClaimBatch([], frozenset())
+            if order is not None:  # the caller's own choice and order, within the room
+                order = order[:room]
+                where = grants.c.id.in_(order)
             query = _locked(
                 self._db,
                 select(grants)
@@ -195,13 +253,14 @@ class RotationWrites:
                         grants.c.intent_at.is_not(None),
                     ),
                     self.lease_free_for(owner, now),
-                    grants.c.id.not_in(list(skip)) if skip else true(),
+                    where,
                 )
                 .order_by(grants.c.next_refresh_at)
                 .limit(room),
                 skip_locked=True,
             )
             rows = (await conn.execute(query)).all()
+            tried = frozenset(order if order is not None else (row.id for row in rows))
             claims = []
             for row in rows:
                 grant = self._rows.open(row)
@@ -209,7 +268,7 @@ class RotationWrites:
                 took_over = row.lease_owner if row.lease_owner not in (None, owner) else None
                 recovering = row.intent_at is not None
                 claims.append(Claim(ClaimOutcome.CLAIMED, claimed, took_over, recovering))
-        return claims
+        return ClaimBatch(claims, tried)
 
     async def _take(
         self, conn: AsyncConnection, grant: Grant, owner: str, now: datetime, lease: timedelta
