@@ -11,7 +11,8 @@ What "due" means for a grant as cached:
 - active with a refresh token: at its `next_refresh_at`;
 - with an open intent (someone claimed it: this broker, another one, or one that died): not
   before `RECHECK` after that claim was written; a live owner has finished by then (and its
-  write supersedes the entry), a dead one's claim is then taken over;
+  write supersedes the entry), a dead one's claim is then taken over; nor before its
+  `next_refresh_at`, which a recovery that has to wait moves later;
 - anything else (a grant that needs a login, or has no refresh token): never.
 
 Pure: no I/O, no clock reads; times are the ones the grants carry.
@@ -32,7 +33,8 @@ def due_at(grant: Grant) -> datetime | None:
     if grant.state is not GrantState.ACTIVE or grant.tokens.refresh_token is None:
         return None
     if grant.intent_at is not None:
-        return max(grant.intent_at, grant.updated_at or grant.intent_at) + RECHECK
+        recheck = max(grant.intent_at, grant.updated_at or grant.intent_at) + RECHECK
+        return max(recheck, grant.next_refresh_at or recheck)
     return grant.next_refresh_at
 
 

@@ -83,6 +83,11 @@ from broker.store.repository import GrantRepository
 REPLAY_MARGIN = timedelta(seconds=1)
 # A send needs this much lease left: the longest call, and a margin for the clocks.
 LEASE_NEEDED = timedelta(seconds=MAX_CALL_SECONDS + 5)
+# How long a request that reached the provider may still be processed there after it was sent
+# (the longest call, and a margin): an introspection answering "active" is believed only once
+# the last send that may have reached the provider is at least this old, since until then a
+# request of ours (or of a broker that died) may yet rotate the token.
+IN_FLIGHT = timedelta(seconds=MAX_CALL_SECONDS + 5)
 # Retrying a store write: 0.2 s doubling to 5 s, with jitter.
 STORE_RETRY_BASE = 0.2
 STORE_RETRY_CAP = 5.0
@@ -227,6 +232,11 @@ class Rotation:
         if recovering:
             log.warning("refresh_outcome_unknown", grant=grant.name, generation=grant.generation)
         sends = 0
+        # The latest instant a send of this refresh may have left: when recovering someone
+        # else's, the end of the grace window they replayed in (it never sent past it).
+        last_sent: datetime | None = (
+            grant.intent_at + max(grace, timedelta(0)) if recovering and grant.intent_at else None
+        )
         while True:
             if recovering:
                 assert first_sent is not None
@@ -240,7 +250,8 @@ class Rotation:
                     can_introspect=attempt.client.can_introspect,
                 )
                 if decision is Decision.INTROSPECT:
-                    return await self._introspect(attempt, reason)
+                    assert last_sent is not None
+                    return await self._introspect(attempt, reason, last_sent + IN_FLIGHT)
                 if decision is Decision.LOST:
                     return await self._lost(
                         attempt, f"{reason}; the provider's refresh_grace has passed"
@@ -249,6 +260,7 @@ class Rotation:
             sends += 1
             sent_at, started = self._clock(), time.perf_counter()
             first_sent = first_sent or sent_at
+            last_sent = max(last_sent, sent_at) if last_sent else sent_at
             outcome, error, response = await self._call(attempt.client, grant)
             self._count(grant, outcome, time.perf_counter() - started, sends)
             if outcome is Outcome.AMBIGUOUS or (recovering and outcome is Outcome.TRANSIENT):
@@ -331,8 +343,13 @@ class Rotation:
             attempt, GrantState.ACTIVE, str(error), self._clock() + delay, count
         )
 
-    async def _introspect(self, attempt: Attempt, reason: str) -> Rotated:
-        """Ask the provider whether the old refresh token is still active (RFC 7662)."""
+    async def _introspect(self, attempt: Attempt, reason: str, settled_at: datetime) -> Rotated:
+        """Ask the provider whether the old refresh token is still active (RFC 7662).
+
+        "Inactive" is final at once: the token was rotated (or revoked). "Active" is believed
+        only from `settled_at` on, when no request that may carry the token can still be at the
+        provider; asked sooner, the grant keeps its intent and is asked again then.
+        """
         grant = attempt.grant
         assert grant.tokens.refresh_token is not None
         try:
@@ -359,8 +376,22 @@ class Rotation:
             return await self._lost(
                 attempt, f"{reason}; the provider says the old refresh token is no longer active"
             )
-        # Never rotated: the token is unspent. Retry it after a short back-off, by when any
-        # request of ours still on its way has long been answered or dropped.
+        if self._clock() < settled_at:
+            # Active now, but a request sent moments ago (by us, or by a broker that died
+            # mid-call) may still rotate it: retrying the token now could present a spent one.
+            log.info("refresh_outcome_pending", grant=grant.name, generation=grant.generation)
+            stored = await self._settle(
+                attempt,
+                GrantState.ACTIVE,
+                f"{reason}; the provider had not rotated yet, asking again once no request "
+                "can still be on its way",
+                settled_at,
+                grant.refresh_failures,
+                keep_intent=True,
+            )
+            return Rotated(stored)
+        # Never rotated: the token is unspent, and no request that carried it is still on its
+        # way. Retry it after a short back-off.
         self._metrics.rotation_recoveries.labels(grant.provider, "recovered").inc()
         log.info("refresh_never_rotated", grant=grant.name, generation=grant.generation)
         stored = await self._back_off(

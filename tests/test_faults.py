@@ -68,7 +68,7 @@ GRACES = (0, 30)
 # Long tokens: no refresh happens in a cell but the one the cell triggers.
 SETTINGS = RefreshSettings(lifetime_fraction=0.75, min_margin="60s", jitter=0.0, max_concurrency=8)
 CLIENT_PAUSE = 0.025
-SETTLE_SECONDS = 60.0  # how long a cell's outcome may take to be stored
+SETTLE_SECONDS = 120.0  # a recovery may wait out IN_FLIGHT (35 s) after its grace
 SQLITE_BUSY = 10.0  # the broker's busy timeout (broker.store.engine.BUSY_TIMEOUT_MS)
 OUTAGE = 20.0  # seconds the database is stopped in the outage cells
 

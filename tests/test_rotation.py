@@ -23,6 +23,7 @@ from broker.crypto import Keyring
 from broker.errors import IdpNotProcessed, IdpUnreachable, StoreUnavailable, TokenUnavailable
 from broker.live import LiveMap
 from broker.model import Grant, GrantState
+from broker.rotation import IN_FLIGHT
 from broker.schedule import ROTATION_LOST
 from broker.store.repository import GrantRepository
 from broker.store.rotations import Claim
@@ -226,20 +227,32 @@ async def test_an_ambiguous_refresh_the_provider_never_processed_is_kept_by_intr
     repo: GrantRepository, idp: ModelIdp, clock: HandClock
 ) -> None:
     """Without grace, a provider that lets the client introspect says the old refresh token is
-    still active: it never rotated, so the grant stays active, recovered, and rotates later (4)."""
+    still active. Right after the send that is not yet the truth (the request may still be at
+    the provider), so the intent stays and the provider is asked again once no request can be
+    on its way; still active then, it never rotated: the grant stays active, recovered, and
+    rotates later (4)."""
     idp.introspection = True
     b = broker(repo, idp, clock)
     grant = await b.login(idp, "alice", clock())
     clock.advance(DUE)
     idp.fail_next(Fault.AMBIGUOUS_BEFORE)
+    sent = clock()
     await b.refresher.refresh(grant)
+    waiting = await b.stored("alice")
+    assert waiting.state is GrantState.ACTIVE
+    assert waiting.intent_at is not None  # still unknown
+    assert waiting.next_refresh_at == sent + IN_FLIGHT
+    assert idp.introspections == 1
+    assert b.count("rotation_recoveries", "recovered") == 0
+    clock.advance(IN_FLIGHT)
+    await b.refresher.refresh(b.cached("alice"))
     stored = await b.stored("alice")
     assert stored.state is GrantState.ACTIVE
     assert stored.generation == grant.generation
     assert stored.intent_at is None
     assert stored.next_refresh_at is not None
     assert stored.next_refresh_at > clock()
-    assert idp.introspections == 1
+    assert idp.introspections == 2
     assert b.count("rotation_recoveries", "recovered") == 1
     assert b.count("rotation_recoveries", "lost") == 0
     clock.advance(60)
@@ -247,6 +260,34 @@ async def test_an_ambiguous_refresh_the_provider_never_processed_is_kept_by_intr
     assert refreshed is not None
     assert refreshed.generation == grant.generation + 1
     assert results(idp) == ["ambiguous_before", "rotated"]
+    assert idp.violations == []
+
+
+async def test_a_request_still_at_the_provider_when_introspection_answers_is_waited_for(
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock
+) -> None:
+    """The provider says "active" while the request that carried the token is still being
+    processed there (a broker killed mid-call, a slow provider). The token is not presented
+    again on that word: when the request lands and rotates, the next check finds the token
+    spent, and the grant is lost without a reuse detection (4)."""
+    idp.introspection = True
+    b = broker(repo, idp, clock)
+    grant = await b.login(idp, "alice", clock())
+    clock.advance(DUE)
+    idp.fail_next(Fault.AMBIGUOUS_BEFORE)
+    await b.refresher.refresh(grant)
+    assert (await b.stored("alice")).intent_at is not None
+    # The request lands late: the provider rotates the token.
+    assert grant.tokens.refresh_token is not None
+    await idp.refresh(grant.tokens.refresh_token)
+    clock.advance(IN_FLIGHT)
+    await b.refresher.refresh(b.cached("alice"))
+    lost = await b.stored("alice")
+    assert lost.state is GrantState.REAUTH_REQUIRED
+    assert (lost.last_error or "").startswith(ROTATION_LOST)
+    assert idp.introspections == 2
+    assert results(idp) == ["ambiguous_before", "rotated"]  # the late landing; no second send
+    assert idp.replays == 0
     assert idp.violations == []
 
 

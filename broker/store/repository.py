@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, inspect, or_, select, update
+from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -262,11 +262,8 @@ class GrantRepository(RotationWrites):
             .where(
                 grants.c.state == GrantState.ACTIVE.value,
                 grants.c.provider.in_(list(providers)),
-                # An open intent is due at once: a refresh with an unknown outcome.
-                or_(
-                    grants.c.next_refresh_at <= self._db.now(now),
-                    grants.c.intent_at.is_not(None),
-                ),
+                # A claim made an open intent due at once (see Rotations._take).
+                grants.c.next_refresh_at <= self._db.now(now),
                 self.lease_free_for(None, now),
             )
             .order_by(grants.c.next_refresh_at)

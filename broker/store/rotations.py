@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select, true, update
+from sqlalchemy import ColumnElement, Select, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import ConflictError
@@ -248,10 +248,10 @@ class RotationWrites:
                 .where(
                     grants.c.provider == provider,
                     grants.c.state == GrantState.ACTIVE.value,
-                    or_(
-                        grants.c.next_refresh_at <= self._db.now(now),
-                        grants.c.intent_at.is_not(None),
-                    ),
+                    # A claim moves the refresh time to the claim's own, so an intent left
+                    # by a refresh cut short is due at once; a recovery that has to wait
+                    # (for requests that may still be at the provider) moves it later.
+                    grants.c.next_refresh_at <= self._db.now(now),
                     self.lease_free_for(owner, now),
                     where,
                 )
@@ -281,6 +281,11 @@ class RotationWrites:
                 lease_owner=owner,
                 lease_expires_at=self._db.shifted(now, lease),
                 intent_at=func.coalesce(grants.c.intent_at, self._db.now(now)),
+                # Due now, should this refresh be cut short (see _claim_where).
+                next_refresh_at=case(
+                    (grants.c.next_refresh_at <= self._db.now(now), grants.c.next_refresh_at),
+                    else_=self._db.now(now),
+                ),
                 updated_at=self._db.now(now),
                 version=version,
             )
