@@ -5,11 +5,11 @@ migration runs, so a wrong key leaves the database untouched; listeners open onl
 store is migrated and the cache is loaded; READY=1 goes to systemd only once they listen.
 
 SIGHUP re-reads the config file. A config with any problem is refused whole (the problems are
-logged, the running config stays). A valid one swaps providers, clients ([[clients]]) and the
-required grants in one step of the event loop; refreshes already at an IdP finish with the
-client they started with, and no listener or connection is touched. Settings that shape the
-listeners, the store or the refresh schedule keep their old values until a restart, and the
-log says which.
+logged, the running config stays). A valid one swaps providers, clients ([[clients]]), sinks
+([[sinks]]) and the required grants in one step of the event loop; refreshes already at an IdP
+finish with the client they started with, and no listener or connection is touched. Settings
+that shape the listeners, the store or the refresh schedule keep their old values until a
+restart, and the log says which.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from broker.metrics import Metrics
 from broker.model import GrantState, Secret
 from broker.refresher import Refresher
 from broker.schedule import RefreshPolicy
+from broker.sinks import Sinks
 from broker.store.engine import create_engine
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
@@ -86,6 +87,7 @@ class Runtime:
     logins: LoginService
     refresher: Refresher
     policy: Policy
+    sinks: Sinks
 
 
 class Daemon:
@@ -234,6 +236,11 @@ class Daemon:
         )
         logins = LoginService(store.logins, service, clients)
         await service.load()
+        # Started before the refresher and stopped after it: a refresh still committing at
+        # shutdown reaches the files too.
+        sinks = Sinks(self.config.sinks, cache=cache, clock=self.clock, metrics=metrics)
+        sinks.start()
+        stack.push_async_callback(sinks.stop)
         metrics.watch_grants(lambda: service.gauges(self.clock()))
         self.refresher = refresher
         await refresher.recover()
@@ -241,7 +248,7 @@ class Daemon:
         refresher.start()
         policy = Policy(self.config.clients, os.getuid())
         return Runtime(
-            store, session, providers, clients, metrics, service, logins, refresher, policy
+            store, session, providers, clients, metrics, service, logins, refresher, policy, sinks
         )
 
     async def _listen(self, rt: Runtime, stack: contextlib.AsyncExitStack) -> None:
@@ -328,6 +335,7 @@ class Daemon:
         rt.providers.replace(new.providers)
         rt.metrics.add_providers(new.providers)
         rt.policy.replace(new.clients)
+        rt.sinks.replace(new.sinks)
         self.required = new.readiness.required_grants
         restart = [
             name
@@ -351,6 +359,7 @@ class Daemon:
                 if old.providers[n] != new.providers[n]
             ),
             clients=len(new.clients),
+            sinks=len(new.sinks),
             required_grants=len(self.required),
         )
         if restart:

@@ -1,0 +1,475 @@
+"""Tests for broker.sinks: the file a sink keeps, on the real file system.
+
+The pure part (what a sink should hold, the formats) is tested directly; the writers run as
+the daemon runs them, subscribed to a real GrantCache, with the real clock, writing real
+files. Changes reach them as a committed refresh's do: a `put` of a newer grant version.
+The suite runs as root, so giving a file to another owner and group is tested for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import json
+import os
+import pwd
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.cache import GrantCache
+from broker.config import SinkConfig, SinkFormat
+from broker.metrics import Metrics
+from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.sinks import (
+    Remove,
+    Sinks,
+    Write,
+    remove,
+    render,
+    settled,
+    sweep_leftovers,
+    target,
+    write_atomic,
+)
+from tests.conftest import iter_secret_leaks
+from tests.test_api import TOKEN_FIELDS, served_api
+
+QUICK = 5.0  # seconds a test waits for what should take milliseconds
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+ROOT = os.getuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="giving files away needs root")
+
+
+def utcnow() -> datetime:
+    """The wall clock, as the daemon's."""
+    return datetime.now(UTC)
+
+
+def grant_of(access: str | None, *, expires_in: float = 3600, **changes: object) -> Grant:
+    """An active grant of techniek/alice whose token expires `expires_in` seconds from now."""
+    grant = Grant(
+        id="0123456789abcdef0123456789abcdef",
+        provider="techniek",
+        user="alice",
+        state=GrantState.ACTIVE,
+        generation=1,
+        tokens=TokenSet(
+            refresh_token=Secret("rt-unused-here"),
+            access_token=None if access is None else Secret(access),
+        ),
+        scopes=("openid", "profile"),
+        access_expires_at=utcnow() + timedelta(seconds=expires_in),
+        version=1,
+    )
+    return dataclasses.replace(grant, **changes)  # type: ignore[arg-type]
+
+
+def later(grant: Grant, access: str, **changes: object) -> Grant:
+    """The next generation of `grant`, as a committed refresh publishes it."""
+    return dataclasses.replace(
+        grant,
+        generation=grant.generation + 1,
+        version=grant.version + 1,
+        tokens=dataclasses.replace(grant.tokens, access_token=Secret(access)),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def sink(path: Path, fmt: SinkFormat = "token", **changes: object) -> SinkConfig:
+    """A sink of techniek/alice."""
+    return dataclasses.replace(
+        SinkConfig(grant="techniek/alice", path=path, format=fmt),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def sample(metrics: Metrics, outcome: str) -> float:
+    """token_broker_sink_writes_total{outcome}."""
+    text = generate_latest(metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "token_broker_sink_writes_total" and s.labels == {"outcome": outcome}:
+                return float(s.value)
+    raise AssertionError("no sink_writes_total sample for " + outcome)
+
+
+async def eventually(check: Callable[[], bool], what: str, within: float = QUICK) -> None:
+    """Wait until `check()` holds, at most `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.005)
+
+
+def content(path: Path) -> str | None:
+    """The file's text, or None when there is no file."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+# -- what a sink should hold (pure) ---------------------------------------------------------------
+
+
+def test_an_active_grant_with_a_live_token_is_written_by_generation() -> None:
+    """The target names the row, generation and expiry, never the token."""
+    grant = grant_of("at-secret-value")
+    wanted = target(grant, utcnow())
+    assert wanted == Write(grant.id, 1, grant.access_expires_at)
+    assert "at-secret" not in repr(wanted)
+    assert settled(wanted, Write(grant.id, 1, grant.access_expires_at))
+    assert not settled(wanted, Write(grant.id, 2, grant.access_expires_at))
+    assert not settled(wanted, None)
+
+
+@pytest.mark.parametrize(
+    ("grant", "reason"),
+    [
+        (None, "does not exist"),
+        (grant_of("at", state=GrantState.REAUTH_REQUIRED), "reauth_required"),
+        (grant_of("at", state=GrantState.REVOKED), "revoked"),
+        (grant_of("at", expires_in=-1), "expired"),
+        (grant_of(None), "expired"),
+        (
+            grant_of("at", expires_in=-1, tokens=TokenSet(access_token=Secret("at"))),
+            "reauth_required",
+        ),
+    ],
+    ids=["deleted", "needs-login", "revoked", "expired", "no-token", "expired-no-refresh-token"],
+)
+def test_a_grant_that_cannot_be_served_removes_the_file(grant: Grant | None, reason: str) -> None:
+    """Deleted, needing a login (even with a token still valid), revoked, or without a live
+    token: the file goes, for a reason that says so."""
+    wanted = target(grant, utcnow())
+    assert isinstance(wanted, Remove)
+    assert reason in wanted.reason
+    assert settled(wanted, Remove("any other reason"))
+
+
+def test_the_formats_are_the_bare_token_a_header_line_and_the_token_routes_body() -> None:
+    """token: the token without a newline; header: `Authorization: Bearer` and a newline;
+    json: the GET body's fields."""
+    grant = grant_of("at-value", access_expires_at=NOW + timedelta(seconds=600))
+    assert render(grant, "token", NOW) == b"at-value"
+    assert render(grant, "header", NOW) == b"Authorization: Bearer at-value\n"
+    body = json.loads(render(grant, "json", NOW))
+    assert set(body) == TOKEN_FIELDS
+    assert body == {
+        "access_token": "at-value",
+        "token_type": "Bearer",
+        "expires_in": 600,
+        "expires_at": "2030-01-02T03:14:05Z",
+        "scope": "openid profile",
+        "provider": "techniek",
+        "user": "alice",
+    }
+
+
+async def test_the_json_format_is_byte_for_byte_what_the_api_serves(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A json sink holds exactly the body GET /v1/tokens answers at the same moment."""
+    async with served_api(tmp_path) as api:
+        reply = await api.import_grant(
+            provider="techniek",
+            user="alice",
+            refresh_token=new_secret("rt"),
+            access_token=new_secret("at"),
+            expires_in=3600,
+        )
+        assert reply.status == 201
+        served = await api.call("GET", "/v1/tokens/techniek/alice")
+        grant = await api.repository.get("techniek", "alice")
+        assert grant is not None
+        assert json.loads(render(grant, "json", api.clock())) == served.json()
+
+
+# -- the file system ------------------------------------------------------------------------------
+
+
+def test_an_atomic_write_leaves_exactly_the_content_with_the_mode(tmp_path: Path) -> None:
+    """The file holds the bytes with exactly `mode` (whatever the umask), replaces what was
+    there by rename (a new inode), and no temporary file is left."""
+    path = tmp_path / "token"
+    path.write_text("old")
+    old_inode = path.stat().st_ino
+    umask = os.umask(0o077)
+    try:
+        write_atomic(path, b"new-content", 0o640, None, None)
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"new-content"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_ino != old_inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
+
+
+def test_an_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
+    """A symlink planted at the path is replaced by the file; its target is not touched."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = tmp_path / "token"
+    path.symlink_to(victim)
+    write_atomic(path, b"token", 0o600, None, None)
+    assert not path.is_symlink()
+    assert path.read_bytes() == b"token"
+    assert victim.read_text() == "keep me"
+
+
+@needs_root
+def test_owner_and_group_are_set_before_the_file_appears(tmp_path: Path) -> None:
+    """The file belongs to the configured owner and group as soon as it is at the path, and
+    no file in the directory is ever looser than `mode` (watched while writing 300 times)."""
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_gid
+    path = tmp_path / "token"
+    seen: list[tuple[str, int, int, int]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for entry in os.scandir(tmp_path):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                seen.append((entry.name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for i in range(300):
+            write_atomic(path, f"token-{i}".encode(), 0o640, nobody.pw_uid, group)
+    finally:
+        stop.set()
+        watcher.join(QUICK)
+    assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, group)
+    assert len(seen) > 300
+    assert all(mode & ~0o640 == 0 for _name, mode, _uid, _gid in seen), "a looser file was seen"
+    at_path = [(uid, gid) for name, _mode, uid, gid in seen if name == "token"]
+    assert set(at_path) == {(nobody.pw_uid, group)}
+
+
+def test_remove_says_whether_there_was_a_file(tmp_path: Path) -> None:
+    """remove() deletes the file and reports True; with no file it reports False."""
+    path = tmp_path / "token"
+    path.write_text("x")
+    assert remove(path) is True
+    assert not path.exists()
+    assert remove(path) is False
+
+
+def test_leftover_temporary_files_of_a_killed_write_are_swept(tmp_path: Path) -> None:
+    """Only `.NAME.XXXXXXXX.tmp` files beside the sink go; anything else stays."""
+    path = tmp_path / "token"
+    leftovers = [tmp_path / ".token.0a1b2c3d.tmp", tmp_path / ".token.ffffffff.tmp"]
+    keep = [tmp_path / ".token.tmp", tmp_path / ".other.0a1b2c3d.tmp", tmp_path / "token"]
+    for file in leftovers + keep:
+        file.write_text("x")
+    assert sweep_leftovers(path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+# -- the writers, following the cache -------------------------------------------------------------
+
+
+class Rig:
+    """A cache, metrics and the Sinks of a config, started as the daemon starts them."""
+
+    def __init__(self, configs: list[SinkConfig], cache: GrantCache | None = None) -> None:
+        self.cache = cache if cache is not None else GrantCache()
+        self.metrics = Metrics(["techniek"])
+        self.sinks = Sinks(
+            configs,
+            cache=self.cache,
+            clock=utcnow,
+            metrics=self.metrics,
+            retry=lambda _failures: 0.05,
+        )
+
+    def count(self, outcome: str) -> float:
+        """sink_writes_total for `outcome`."""
+        return sample(self.metrics, outcome)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[MutableMapping[str, Any]]]:
+    """The structlog events logged during the test."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+@contextlib.asynccontextmanager
+async def started(rig: Rig) -> AsyncIterator[Rig]:
+    """Start the sinks; stop them at the end."""
+    rig.sinks.start()
+    try:
+        yield rig
+    finally:
+        await rig.sinks.stop()
+
+
+async def test_a_sink_is_written_at_start_and_after_every_new_generation(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """Start writes the cached token; a newer generation rewrites the file; a write of the
+    same generation (an intent, a lease) leaves it alone."""
+    path = tmp_path / "alice.token"
+    first, second = new_secret("at"), new_secret("at")
+    cache = GrantCache()
+    grant = grant_of(first)
+    cache.put(grant)
+    rig = Rig([sink(path, mode=0o640)], cache)
+    async with started(rig):
+        await eventually(lambda: content(path) == first, "the file holds the first token")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        inode = path.stat().st_ino
+        cache.put(dataclasses.replace(grant, version=5, intent_at=utcnow()))
+        await asyncio.sleep(0.1)
+        assert path.stat().st_ino == inode
+        assert rig.count("written") == 1
+        cache.put(later(grant, second))
+        await eventually(lambda: content(path) == second, "the file holds the second token")
+        assert rig.count("written") == 2
+
+
+async def test_a_sink_file_goes_when_a_login_is_needed_and_comes_back_after_one(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """reauth_required removes the file at once, though the token is still valid; a new login
+    (a new generation, active) writes it again; deleting the grant removes it."""
+    path = tmp_path / "alice.token"
+    cache = GrantCache()
+    grant = grant_of(new_secret("at"))
+    cache.put(grant)
+    rig = Rig([sink(path)], cache)
+    async with started(rig):
+        await eventually(path.exists, "the file is written")
+        failed = dataclasses.replace(
+            grant, state=GrantState.REAUTH_REQUIRED, last_error="invalid_grant", version=2
+        )
+        cache.put(failed)
+        await eventually(lambda: not path.exists(), "the file is removed")
+        assert rig.count("removed") == 1
+        relogged = new_secret("at")
+        cache.put(later(failed, relogged, state=GrantState.ACTIVE, last_error=None))
+        await eventually(lambda: content(path) == relogged, "the file is back")
+        cache.drop("techniek", "alice")
+        await eventually(lambda: not path.exists(), "the file is removed with the grant")
+        assert rig.count("removed") == 2
+
+
+async def test_a_sink_file_goes_when_its_token_expires_before_a_refresh_arrives(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """With no newer token by its expiry, the file is removed at the expiry (a timer: no
+    publish tells of it), and a later refresh writes it again."""
+    path = tmp_path / "alice.token"
+    cache = GrantCache()
+    grant = grant_of(new_secret("at"), expires_in=0.4)
+    cache.put(grant)
+    rig = Rig([sink(path)], cache)
+    async with started(rig):
+        await eventually(path.exists, "the file is written")
+        written = time.monotonic()
+        await eventually(lambda: not path.exists(), "the file is removed at expiry")
+        assert time.monotonic() - written < 2.0
+        refreshed = new_secret("at")
+        cache.put(later(grant, refreshed, access_expires_at=utcnow() + timedelta(hours=1)))
+        await eventually(lambda: content(path) == refreshed, "the refreshed token is written")
+
+
+async def test_a_stale_file_of_a_grant_that_is_gone_is_removed_at_start(tmp_path: Path) -> None:
+    """A file left from before (its grant deleted since) is removed when the sink starts."""
+    path = tmp_path / "alice.token"
+    path.write_text("at-from-a-previous-run")
+    rig = Rig([sink(path)])
+    async with started(rig):
+        await eventually(lambda: not path.exists(), "the stale file is removed")
+        assert rig.count("removed") == 1
+
+
+async def test_a_failed_write_is_logged_counted_retried_and_never_blocks_the_publisher(
+    tmp_path: Path,
+    new_secret: Callable[[str], str],
+    log_lines: list[MutableMapping[str, Any]],
+) -> None:
+    """A missing directory fails the write: logged with the path and the reason (never the
+    token), counted as failed, retried with back-off, and written once the directory exists;
+    the cache's put returns at once meanwhile."""
+    path = tmp_path / "missing" / "alice.token"
+    token = new_secret("at")
+    cache = GrantCache()
+    rig = Rig([sink(path)], cache)
+    async with started(rig):
+        started_put = time.perf_counter()
+        cache.put(grant_of(token))
+        assert time.perf_counter() - started_put < 0.01
+        await eventually(lambda: rig.count("failed") >= 3, "three failed attempts")
+        failures = [e for e in log_lines if e["event"] == "sink_write_failed"]
+        assert failures[0]["path"] == str(path)
+        assert failures[0]["reason"] == "No such file or directory"
+        assert failures[0]["grant"] == "techniek/alice"
+        assert [e["failures"] for e in failures[:3]] == [1, 2, 3]
+        path.parent.mkdir()
+        await eventually(lambda: content(path) == token, "written once the directory exists")
+        written = [e for e in log_lines if e["event"] == "sink_written"]
+        assert written[-1]["after_failures"] >= 3
+    assert not any(iter_secret_leaks(json.dumps(log_lines, default=str)))
+    assert token not in json.dumps(log_lines, default=str)
+
+
+async def test_stop_lets_a_sink_catch_up_with_the_last_commit(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A commit published just before shutdown reaches the file before stop() returns."""
+    path = tmp_path / "alice.token"
+    cache = GrantCache()
+    grant = grant_of(new_secret("at"))
+    cache.put(grant)
+    rig = Rig([sink(path)], cache)
+    rig.sinks.start()
+    await eventually(path.exists, "the file is written")
+    last = new_secret("at")
+    cache.put(later(grant, last))
+    await rig.sinks.stop()
+    assert content(path) == last
+
+
+async def test_a_reload_adds_removes_and_changes_sinks(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """replace() starts a new sink, removes a dropped sink's file, rewrites a changed one
+    with its new settings, and a sink dropped and put back at once keeps its file."""
+    token = new_secret("at")
+    cache = GrantCache()
+    cache.put(grant_of(token))
+    kept, dropped, added = tmp_path / "kept", tmp_path / "dropped", tmp_path / "added"
+    rig = Rig([sink(kept), sink(dropped)], cache)
+    async with started(rig):
+        await eventually(lambda: kept.exists() and dropped.exists(), "both files are written")
+        rig.sinks.replace([sink(kept, "header", mode=0o640), sink(added, "json")])
+        await eventually(lambda: not dropped.exists(), "the dropped sink's file is removed")
+        await eventually(lambda: content(kept) == f"Authorization: Bearer {token}\n", "header")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+        await eventually(added.exists, "the added sink is written")
+        assert json.loads(added.read_text())["access_token"] == token
+        assert len(rig.sinks) == 2
+        rig.sinks.replace([sink(kept, "header", mode=0o640)])
+        rig.sinks.replace([sink(kept, "header", mode=0o640), sink(added, "json")])
+        await asyncio.sleep(0.2)
+        assert added.exists()
+        assert json.loads(added.read_text())["access_token"] == token
