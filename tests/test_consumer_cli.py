@@ -263,3 +263,22 @@ def test_git_credential_without_a_readable_config_answers_oauth2_on_the_given_so
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:2] == ["username=oauth2", f"password={access}"]
     assert not missing.exists()
+
+
+def test_check_config_counts_sinks_and_names_every_sink_problem(tmp_path: Path) -> None:
+    """check-config counts valid sinks, and for bad ones exits 1 naming each problem."""
+    home = make_home(tmp_path)
+    base = home.config.read_text()
+    home.config.write_text(
+        base + '\n[[sinks]]\ngrant = "techniek/alice"\npath = "alice.token"\nmode = "0640"\n'
+    )
+    done = cli(home, "check-config", "-c", str(home.config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("1 sink(s))")
+    home.config.write_text(
+        base + '\n[[sinks]]\ngrant = "techniek/*"\npath = "a"\nmode = "0644"\ngroup = "nope-x"\n'
+    )
+    done = cli(home, "check-config", "-c", str(home.config))
+    assert done.returncode == 1
+    for problem in ("sinks[0].grant", "sinks[0].mode", "no group named 'nope-x'"):
+        assert problem in done.stderr, problem

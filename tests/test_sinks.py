@@ -15,6 +15,7 @@ import grp
 import json
 import os
 import pwd
+import signal
 import stat
 import threading
 import time
@@ -44,6 +45,7 @@ from broker.sinks import (
     write_atomic,
 )
 from tests.conftest import iter_secret_leaks
+from tests.daemon import Home, make_home, request, running_daemon
 from tests.test_api import TOKEN_FIELDS, served_api
 
 QUICK = 5.0  # seconds a test waits for what should take milliseconds
@@ -473,3 +475,64 @@ async def test_a_reload_adds_removes_and_changes_sinks(
         await asyncio.sleep(0.2)
         assert added.exists()
         assert json.loads(added.read_text())["access_token"] == token
+
+
+# -- the daemon: start and SIGHUP -----------------------------------------------------------------
+
+
+def _with_sinks(home: Home, *tables: dict[str, str]) -> None:
+    """The home's config with these [[sinks]] tables."""
+    home.write_config()
+    text = home.config.read_text()
+    for table in tables:
+        text += "\n[[sinks]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+    home.config.write_text(text)
+
+
+async def _until(check: Callable[[], bool], what: str) -> None:
+    await eventually(check, what, within=15.0)
+
+
+async def test_the_daemon_writes_its_sinks_and_sighup_adds_changes_and_removes_them(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A running daemon writes a sink for an imported grant; SIGHUP with another [[sinks]]
+    list removes the dropped file, writes the added one and rewrites a changed one; a config
+    with a bad sink is refused whole and the sinks stay as they were."""
+    home = make_home(tmp_path)
+    sinks = tmp_path / "sinks"
+    sinks.mkdir()
+    kept, dropped, added = sinks / "kept", sinks / "dropped", sinks / "added.json"
+    alice = {"grant": "techniek/alice"}
+    _with_sinks(home, {**alice, "path": str(kept)}, {**alice, "path": str(dropped)})
+    access = new_secret("at")
+    with running_daemon(home, log_dir) as daemon:
+        body = {
+            "provider": "techniek",
+            "user": "alice",
+            "refresh_token": new_secret("rt"),
+            "access_token": access,
+            "expires_in": 3600,
+        }
+        assert request(home.socket, "POST", "/v1/grants", body).status == 201
+        await _until(lambda: content(kept) == access and content(dropped) == access, "written")
+
+        _with_sinks(
+            home,
+            {**alice, "path": str(kept), "format": "header", "mode": "0640"},
+            {**alice, "path": str(added), "format": "json"},
+        )
+        os.kill(daemon.pid, signal.SIGHUP)
+        await _until(lambda: not dropped.exists(), "the dropped sink's file is removed")
+        await _until(lambda: content(kept) == f"Authorization: Bearer {access}\n", "rewritten")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+        await _until(added.exists, "the added sink is written")
+        assert json.loads(added.read_text())["access_token"] == access
+
+        _with_sinks(home, {**alice, "path": str(kept), "owner": "no-such-user-here"})
+        os.kill(daemon.pid, signal.SIGHUP)
+        await _until(lambda: '"reload_refused"' in daemon.log(), "the reload is refused")
+        await asyncio.sleep(0.3)
+        assert added.exists()
+        assert content(kept) == f"Authorization: Bearer {access}\n"
+    assert access not in daemon.log()
