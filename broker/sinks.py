@@ -200,9 +200,12 @@ def sweep_leftovers(path: Path) -> int:
     return removed
 
 
-def describe(exc: OSError) -> str:
-    """Why a file operation failed, in words (the error's own text, without the path)."""
-    return exc.strerror or type(exc).__name__
+def describe(exc: Exception) -> str:
+    """Why a file operation failed, in words: the system's reason, never the error's own text
+    (which names temporary paths, and for anything unexpected may quote what it handled)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"unexpected {type(exc).__name__}"
 
 
 # -- one sink ---------------------------------------------------------------------------------
@@ -279,12 +282,30 @@ class SinkWriter:
             )
             if not settled(wanted, self._done) and self._may_try(wanted):
                 await self._apply(wanted, grant, now)
+                if self._wake.is_set():
+                    continue  # a newer commit (or a stop) came meanwhile: look again first
             if self._stopping or (self._retiring and settled(wanted, self._done)):
                 return
             timeout = self._next_change(wanted, now)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _failed_with(self, wanted: Target, exc: Exception) -> None:
+        self._failures += 1
+        self._failed = wanted
+        delay = self._retry(self._failures)
+        self._not_before = time.monotonic() + delay
+        self._metrics.sink_writes.labels(outcome="failed").inc()
+        log.error(
+            "sink_write_failed",
+            path=str(self.config.path),
+            grant=self.config.grant,
+            action="write" if isinstance(wanted, Write) else "remove",
+            reason=describe(exc),
+            failures=self._failures,
+            retry_in_s=round(delay, 3),
+        )
 
     def _may_try(self, wanted: Target) -> bool:
         """Not while backing off from a failure of this same target; a new one is tried now."""
@@ -311,21 +332,8 @@ class SinkWriter:
                 changed = True
             else:
                 changed = await asyncio.to_thread(remove, config.path)
-        except OSError as exc:
-            self._failures += 1
-            self._failed = wanted
-            delay = self._retry(self._failures)
-            self._not_before = time.monotonic() + delay
-            self._metrics.sink_writes.labels(outcome="failed").inc()
-            log.error(
-                "sink_write_failed",
-                path=str(config.path),
-                grant=config.grant,
-                action="write" if isinstance(wanted, Write) else "remove",
-                reason=describe(exc),
-                failures=self._failures,
-                retry_in_s=round(delay, 3),
-            )
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the sink retries; it never dies
+            self._failed_with(wanted, exc)
             return
         recovered = self._failures
         self._done, self._failed, self._failures = wanted, None, 0

@@ -47,6 +47,7 @@ CONTRACT_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_access_token_min_ttl_seconds": ("gauge", frozenset({"provider"})),
     "token_broker_rotation_recoveries_total": ("counter", frozenset({"provider", "outcome"})),
     "token_broker_build_info": ("gauge", frozenset({"version"})),
+    "token_broker_sink_writes_total": ("counter", frozenset({"outcome"})),
 }
 # Labels whose values come from a fixed set in the code; provider values are the operator's.
 CLOSED_LABELS = ("outcome", "state")
