@@ -30,8 +30,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from broker.cache import GrantCache
 from broker.config import SinkConfig, SinkFormat
 from broker.metrics import Metrics
 from broker.model import Grant, GrantState
+from broker.sinkfile import describe, remove, sweep_leftovers, write_atomic
 from broker.tasks import Tasks
 
 # Back-off after failed writes: 1 s, doubling, at most 5 minutes.
@@ -51,7 +50,6 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 # How long shutdown waits for sinks to finish a write they have started.
 STOP_SECONDS = 5.0
-_TEMP_SUFFIX = ".tmp"
 log = structlog.get_logger("broker.sinks")
 
 
@@ -122,90 +120,6 @@ def render(grant: Grant, fmt: SinkFormat, now: datetime) -> bytes:
         "user": grant.user,
     }
     return (json.dumps(body) + "\n").encode()
-
-
-# -- the file system (blocking; run in a thread) -----------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes, mode: int, owner: int | None, group: int | None) -> None:
-    """Replace `path` with `data` so that no reader sees a part and no file is looser than
-    `mode`: temporary file (created without permissions), owner and group, mode, fsync, rename,
-    fsync of the directory."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            _chown(fd, owner, group)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temp.rename(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
-def _chown(fd: int, owner: int | None, group: int | None) -> None:
-    # Only what differs: a file made in a setgid directory may already have the wanted group,
-    # and a daemon without CAP_CHOWN can then still write the sink.
-    if owner is None and group is None:
-        return
-    stat = os.fstat(fd)
-    uid = -1 if owner is None or owner == stat.st_uid else owner
-    gid = -1 if group is None or group == stat.st_gid else group
-    if (uid, gid) != (-1, -1):
-        os.fchown(fd, uid, gid)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is done and visible; this only makes it survive a power cut, which not
-    # every file system supports for directories.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove(path: Path) -> bool:
-    """Remove the sink file; whether there was one."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    _fsync_directory(path.parent)
-    return True
-
-
-def sweep_leftovers(path: Path) -> int:
-    """Remove temporary files a killed daemon left beside `path`; how many."""
-    prefix = f".{path.name}."
-    removed = 0
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            name = entry.name
-            hex_part = name[len(prefix) : -len(_TEMP_SUFFIX)]
-            if name.startswith(prefix) and name.endswith(_TEMP_SUFFIX) and len(hex_part) == 8:
-                with contextlib.suppress(OSError):
-                    Path(entry.path).unlink()
-                    removed += 1
-    return removed
-
-
-def describe(exc: Exception) -> str:
-    """Why a file operation failed, in words: the system's reason, never the error's own text
-    (which names temporary paths, and for anything unexpected may quote what it handled)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"unexpected {type(exc).__name__}"
 
 
 # -- one sink ---------------------------------------------------------------------------------
