@@ -205,11 +205,12 @@ class SinkWriter:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def _failed_with(self, wanted: Target, exc: Exception) -> None:
+    def _failed_with(self, wanted: Target, exc: Exception, *, current: bool) -> None:
         self._failures += 1
-        self._failed = wanted
         delay = self._retry(self._failures)
-        self._not_before = time.monotonic() + delay
+        if current:  # a failure under settings since replaced says nothing of the new ones
+            self._failed = wanted
+            self._not_before = time.monotonic() + delay
         self._metrics.sink_writes.labels(outcome="failed").inc()
         log.error(
             "sink_write_failed",
@@ -247,10 +248,12 @@ class SinkWriter:
             else:
                 changed = await asyncio.to_thread(remove, config.path)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the sink retries; it never dies
-            self._failed_with(wanted, exc)
+            self._failed_with(wanted, exc, current=config is self.config)
             return
         recovered = self._failures
-        self._done, self._failed, self._failures = wanted, None, 0
+        if config is self.config:
+            self._done, self._failed, self._failures = wanted, None, 0
+        # else: reconfigured meanwhile; the file holds the old settings and is written again.
         if isinstance(wanted, Write):
             self._metrics.sink_writes.labels(outcome="written").inc()
             log.info(
