@@ -7,10 +7,12 @@ Nothing here touches the network or reads secret files; paths are only resolved.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +36,8 @@ __all__ = [
     "ReadinessConfig",
     "RefreshConfig",
     "ServerConfig",
+    "SinkConfig",
+    "SinkFormat",
     "StoreConfig",
     "load_config",
     "parse_config",
@@ -57,6 +61,10 @@ _URL_KEYS = (
     "introspection_endpoint",
 )
 _IDENTITY_KEYS = ("unix_user", "unix_uid", "unix_group", "token_sha256")
+SinkFormat = Literal["token", "json", "header"]
+_SINK_FORMATS: tuple[str, ...] = get_args(SinkFormat)
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
+DEFAULT_SINK_MODE = 0o600
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _GLOB_CHARS = frozenset("*?[")
 
@@ -165,6 +173,28 @@ class ReadinessConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """A file kept holding one grant's current access token, for consumers that read files."""
+
+    grant: str  # PROVIDER/USER, exactly
+    path: Path
+    format: SinkFormat = "token"
+    mode: int = DEFAULT_SINK_MODE
+    owner: int | None = None  # uid; None: the daemon's
+    group: int | None = None  # gid; None: the daemon's (or the directory's, when setgid)
+
+    @property
+    def provider(self) -> str:
+        """The PROVIDER of the grant."""
+        return self.grant.partition("/")[0]
+
+    @property
+    def user(self) -> str:
+        """The USER of the grant."""
+        return self.grant.partition("/")[2]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; `source` names the file it came from."""
 
@@ -175,6 +205,7 @@ class Config:
     providers: Mapping[str, ProviderConfig]
     clients: tuple[ClientConfig, ...]
     readiness: ReadinessConfig = ReadinessConfig()
+    sinks: tuple[SinkConfig, ...] = ()
 
 
 def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -206,7 +237,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     """Validate parsed TOML; relative paths are resolved against `base_dir`."""
     problems: list[str] = []
     base_dir = base_dir.absolute()
-    sections = ("server", "store", "refresh", "providers", "clients", "readiness")
+    sections = ("server", "store", "refresh", "providers", "clients", "readiness", "sinks")
     root = Table(data, "", problems, sections)
     server = _parse_server(root.section("server", ServerConfig), base_dir)
     store = _parse_store(root.section("store", StoreConfig), base_dir)
@@ -222,9 +253,12 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             problems.append(f"providers.{name}: expected a table, got {type_name(table)}")
     clients = _parse_clients(root, providers)
     readiness = _parse_readiness(root.section("readiness", ReadinessConfig), providers)
+    sinks = _parse_sinks(root, providers, base_dir)
     if problems:
         raise ConfigError(source, problems)
-    return Config(source, server, store, refresh, MappingProxyType(providers), clients, readiness)
+    return Config(
+        source, server, store, refresh, MappingProxyType(providers), clients, readiness, sinks
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -473,3 +507,89 @@ def _parse_readiness(t: Table, providers: Mapping[str, ProviderConfig]) -> Readi
         elif name in names[:i]:
             t.problem(f"required_grants[{i}]", f"{name!r} is listed twice")
     return ReadinessConfig(required_grants=names)
+
+
+def _parse_sinks(
+    root: Table, providers: Mapping[str, ProviderConfig], base_dir: Path
+) -> tuple[SinkConfig, ...]:
+    items = root.array("sinks", "an array of tables ([[sinks]])")
+    sinks: list[SinkConfig] = []
+    paths: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            root.problem(f"sinks[{i}]", f"expected a table, got {type_name(item)}")
+            continue
+        t = Table(item, f"sinks[{i}]", root.problems, table_keys(SinkConfig))
+        grant = t.nonempty("grant", required=True) or ""
+        provider, sep, user = grant.partition("/")
+        if grant and (
+            not sep or not PROVIDER_RE.fullmatch(provider) or not USER_RE.fullmatch(user)
+        ):
+            t.problem("grant", f'{grant!r} must be "PROVIDER/USER" (one grant, no patterns)')
+        elif grant and provider not in providers:
+            t.problem("grant", f"{grant!r} names no configured provider")
+        path = t.path("path", base_dir)
+        if path is None and "path" not in item:
+            t.problem("path", "required")
+        elif path is not None and path in paths:
+            t.problem("path", f"{str(path)!r} is also the path of sinks[{paths[path]}]")
+        elif path is not None:
+            paths[path] = i
+        fmt = t.string("format") or "token"
+        if fmt not in _SINK_FORMATS:
+            t.problem("format", f"expected one of {', '.join(_SINK_FORMATS)}, got {fmt!r}")
+        sinks.append(
+            SinkConfig(
+                grant=grant,
+                path=path or Path(),
+                format=cast("SinkFormat", fmt),
+                mode=_sink_mode(t),
+                owner=_account(t, "owner", _uid, "user"),
+                group=_account(t, "group", _gid, "group"),
+            )
+        )
+    return tuple(sinks)
+
+
+def _sink_mode(t: Table) -> int:
+    text = t.string("mode", 'a string of octal digits such as "0640"')
+    if text is None:
+        return DEFAULT_SINK_MODE
+    if not re.fullmatch(r"[0-7]{3,4}", text):
+        t.problem("mode", f'expected 3 or 4 octal digits such as "0640", got {text!r}')
+        return DEFAULT_SINK_MODE
+    mode = int(text, 8)
+    if mode > 0o777 or mode & 0o007:
+        # Anyone on the host could read the token: give access through owner or group.
+        t.problem("mode", f"{text!r} must give others no access (use group), nor exceed 0770")
+    return mode
+
+
+def _account(t: Table, key: str, lookup: Callable[[str], int], kind: str) -> int | None:
+    """A user or group given by name (which must exist) or by number (taken as it is)."""
+    value = t.data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= _MAX_ID:
+            t.problem(key, f"a {kind} id must be from 0 to {_MAX_ID}, got {value}")
+            return None
+        return value
+    if not isinstance(value, str) or not value:
+        t.problem(key, f"expected a {kind} name or number, got {type_name(value)}")
+        return None
+    try:
+        return lookup(value)
+    except KeyError:
+        t.problem(key, f"no {kind} named {value!r} on this host")
+        return None
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid

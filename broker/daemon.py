@@ -5,11 +5,11 @@ migration runs, so a wrong key leaves the database untouched; listeners open onl
 store is migrated and the cache is loaded; READY=1 goes to systemd only once they listen.
 
 SIGHUP re-reads the config file. A config with any problem is refused whole (the problems are
-logged, the running config stays). A valid one swaps providers, clients ([[clients]]) and the
-required grants in one step of the event loop; refreshes already at an IdP finish with the
-client they started with, and no listener or connection is touched. Settings that shape the
-listeners, the store or the refresh schedule keep their old values until a restart, and the
-log says which.
+logged, the running config stays). A valid one swaps providers, clients ([[clients]]), sinks
+([[sinks]]) and the required grants in one step of the event loop; refreshes already at an IdP
+finish with the client they started with, and no listener or connection is touched. Settings
+that shape the listeners, the store or the refresh schedule keep their old values until a
+restart, and the log says which.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from broker.refresher import LEASE, Refresher
 from broker.schedule import RefreshPolicy
 from broker.store.engine import listener_params, store_engine
 from broker.store.feed import PgListener
+from broker.sinks import Sinks
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
 from broker.store.nodes import NodeRepository
@@ -103,6 +104,7 @@ class Runtime:
     logins: LoginService
     refresher: Refresher
     policy: Policy
+    sinks: Sinks
 
 
 class Daemon:
@@ -324,6 +326,11 @@ class Daemon:
             store.logins, service, clients, clock=self.clock, redirect_served=self._redirects_to
         )
         await service.load()
+        # Started before the refresher and stopped after it: a refresh still committing at
+        # shutdown reaches the files too.
+        sinks = Sinks(self.config.sinks, cache=cache, clock=self.clock, metrics=metrics)
+        sinks.start()
+        stack.push_async_callback(sinks.stop)
         metrics.watch_grants(lambda: service.gauges(self.clock()))
         self.refresher = refresher
         await refresher.recover()
@@ -332,7 +339,7 @@ class Daemon:
         stack.push_async_callback(logins.stop)  # device logins still polling end as failed
         policy = Policy(self.config.clients, os.getuid())
         return Runtime(
-            store, session, providers, clients, metrics, service, logins, refresher, policy
+            store, session, providers, clients, metrics, service, logins, refresher, policy, sinks
         )
 
     async def _listen(self, rt: Runtime, stack: contextlib.AsyncExitStack) -> None:
@@ -427,6 +434,7 @@ class Daemon:
                 rt.refresher.resume(name)  # a paused provider is tried again with the new config
         rt.metrics.add_providers(new.providers)
         rt.policy.replace(new.clients)
+        rt.sinks.replace(new.sinks)
         self.required = new.readiness.required_grants
         restart = [
             name
@@ -450,6 +458,7 @@ class Daemon:
                 if old.providers[n] != new.providers[n]
             ),
             clients=len(new.clients),
+            sinks=len(new.sinks),
             required_grants=len(self.required),
         )
         if restart:

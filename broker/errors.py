@@ -22,7 +22,8 @@
         ├── Forbidden                the caller may not do this
         ├── GrantNotFound            no such PROVIDER/USER
         ├── ReauthRequired           a person must log in again
-        └── TokenUnavailable         no valid access token right now   retryable=True
+        ├── TokenUnavailable         no valid access token right now   retryable=True
+        └── TooManyHeld              the caller holds as many waiting requests as allowed
 
 HTTP statuses are chosen in `broker.api` only; messages here never carry a secret.
 """
@@ -182,5 +183,15 @@ class TokenUnavailable(GrantError):
     retryable = True
 
     def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyHeld(GrantError):
+    """The caller already holds as many waiting token requests as allowed; try again later."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from broker.cache import GrantCache
+from broker.cache import GrantCache, Subscriber
 from broker.config import ProviderConfig
 from broker.errors import (
     BadRequest,
@@ -123,6 +123,10 @@ class GrantService:
         self._policy = policy or RefreshPolicy()
         self._clock = clock
         self._rand = rand
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Hear of every change to a cached grant (`GrantCache.subscribe`); the unsubscriber."""
+        return self._cache.subscribe(subscriber)
 
     async def load(self) -> int:
         """Fill the cache from the store; how many grants it holds."""

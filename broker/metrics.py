@@ -28,6 +28,7 @@ TOKEN_OUTCOMES = (
 )
 REFRESH_OUTCOMES = ("success", "invalid_grant", "transient_error", "ambiguous")
 RECOVERY_OUTCOMES = ("recovered", "lost")
+SINK_OUTCOMES = ("written", "removed", "failed")
 # The token path answers from memory in tens of microseconds; the buckets must resolve that.
 TOKEN_BUCKETS = (
     0.00005,
@@ -155,6 +156,14 @@ class Metrics:
             PREFIX + "build_info", "The running version.", ["version"], registry=r
         )
         self.build_info.labels(version=broker.__version__).set(1)
+        self.sink_writes = Counter(
+            PREFIX + "sink_writes",
+            "Sink file writes and removals, and attempts that failed.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in SINK_OUTCOMES:
+            self.sink_writes.labels(outcome=outcome)
         self._providers: frozenset[str] = frozenset()
         self.add_providers(providers)
 
@@ -176,10 +185,11 @@ class Metrics:
         """`provider` when it is configured, else `other`: request paths must not mint labels."""
         return provider if provider in self._providers else OTHER_PROVIDER
 
-    def count_token_request(self, provider: str, outcome: str, seconds: float) -> None:
-        """Count one answered token request."""
+    def count_token_request(self, provider: str, outcome: str, seconds: float | None) -> None:
+        """Count one answered token request; `seconds` None leaves a held one out of the timing."""
         self.token_requests.labels(provider=self.provider_label(provider), outcome=outcome).inc()
-        self.token_request_duration.observe(seconds)
+        if seconds is not None:
+            self.token_request_duration.observe(seconds)
 
     def watch_grants(self, source: Callable[[], GrantGauges]) -> None:
         """Export the grant gauges, read from `source` at every scrape."""

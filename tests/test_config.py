@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
+import pwd
 import re
 import tomllib
 from datetime import timedelta
@@ -19,6 +21,7 @@ from broker.config import (
     ProviderConfig,
     RefreshConfig,
     ServerConfig,
+    SinkConfig,
     StoreConfig,
     load_config,
     parse_config,
@@ -65,13 +68,16 @@ def test_example_file_parses() -> None:
 def test_example_file_documents_every_key_and_its_commented_keys_parse() -> None:
     """Uncommenting every `# key = value` line of the example still parses, and covers every key."""
     lines = EXAMPLE.read_text().splitlines()
-    uncommented = [re.sub(r"^# (?=[a-z0-9_]+ = |\[[a-z.]+\]$)", "", line) for line in lines]
+    uncommented = [
+        re.sub(r"^# (?=[a-z0-9_]+ = |\[[a-z.]+\]$|\[\[[a-z]+\]\]$)", "", line) for line in lines
+    ]
     config = parse("\n".join(uncommented), base_dir=EXAMPLE.parent)
     assert config.server.tcp == Listen("127.0.0.1", 8470)
     assert config.providers["netid"].access_token_from.claim == "permission_management"
     assert config.providers["techniek"].client_auth == "client_secret_basic"
+    assert config.sinks[0].owner == 1001
     documented = {m.group(1) for line in uncommented if (m := re.match(r"([a-z0-9_]+) = ", line))}
-    sections = (ServerConfig, StoreConfig, RefreshConfig, ProviderConfig, ClientConfig)
+    sections = (ServerConfig, StoreConfig, RefreshConfig, ProviderConfig, ClientConfig, SinkConfig)
     assert {f.name for cls in sections for f in dataclasses.fields(cls)} <= documented
 
 
@@ -633,4 +639,75 @@ def test_required_grants_problems_are_all_reported() -> None:
         "readiness.required_grants[1]: 'nouser' must be \"PROVIDER/USER\" (no patterns)",
         "readiness.required_grants[2]: 'q/svc' names no configured provider",
         "readiness.required_grants[4]: 'p/a' is listed twice",
+    ]
+
+
+# -- [[sinks]] -------------------------------------------------------------------------------------
+
+
+def test_sinks_are_parsed_with_their_defaults_and_accounts_resolved() -> None:
+    """A sink names one grant and a path (relative to the config's directory); format
+    defaults to token and mode to 0600; owner and group are names or numbers, names looked up."""
+    root = pwd.getpwuid(0)
+    config = parse(
+        PROVIDER
+        + f"""
+        [[sinks]]
+        grant = "p/alice"
+        path = "sinks/alice.token"
+
+        [[sinks]]
+        grant = "p/bob"
+        path = "/run/billing/bob.json"
+        format = "json"
+        mode = "0640"
+        owner = "{root.pw_name}"
+        group = "{grp.getgrgid(0).gr_name}"
+
+        [[sinks]]
+        grant = "p/carol"
+        path = "/run/carol/header"
+        format = "header"
+        owner = 4321
+        group = "8765"
+        """
+    )
+    assert config.sinks == (
+        SinkConfig("p/alice", BASE / "sinks/alice.token", "token", 0o600, None, None),
+        SinkConfig("p/bob", Path("/run/billing/bob.json"), "json", 0o640, root.pw_uid, 0),
+        SinkConfig("p/carol", Path("/run/carol/header"), "header", 0o600, 4321, 8765),
+    )
+    assert (config.sinks[1].provider, config.sinks[1].user) == ("p", "bob")
+    assert parse(PROVIDER).sinks == ()
+
+
+def test_every_sink_problem_is_reported_at_once() -> None:
+    """A pattern, an unknown provider, a missing or repeated path, a format, a mode that lets
+    others read, a malformed mode, an owner and a group that do not exist, an unknown key and
+    a sink that is not a table are each named with its key."""
+    found = problems(
+        """
+        sinks = [
+          {grant = "p/*", path = "/a", format = "yaml", mode = "0644"},
+          {grant = "q/alice", path = "/a", mode = "64O", owner = "no-such-user-here"},
+          {grant = "p/alice", group = "no-such-group-here", colour = "blue"},
+          {grant = "p/alice", path = "/b", owner = -1},
+          "p/alice",
+        ]
+        """
+        + PROVIDER
+    )
+    assert found == [
+        "sinks[0].grant: 'p/*' must be \"PROVIDER/USER\" (one grant, no patterns)",
+        "sinks[0].format: expected one of token, json, header, got 'yaml'",
+        "sinks[0].mode: '0644' must give others no access (use group), nor exceed 0770",
+        "sinks[1].grant: 'q/alice' names no configured provider",
+        "sinks[1].path: '/a' is also the path of sinks[0]",
+        "sinks[1].mode: expected 3 or 4 octal digits such as \"0640\", got '64O'",
+        "sinks[1].owner: no user named 'no-such-user-here' on this host",
+        "sinks[2].colour: unknown key",
+        "sinks[2].path: required",
+        "sinks[2].group: no group named 'no-such-group-here' on this host",
+        "sinks[3].owner: a user id must be from 0 to 4294967294, got -1",
+        "sinks[4]: expected a table, got string",
     ]

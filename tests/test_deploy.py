@@ -52,6 +52,7 @@ CONTRACT_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_lease_takeovers_total": ("counter", frozenset({"provider"})),
     "token_broker_fleet_change_lag_seconds": ("histogram", frozenset()),
     "token_broker_store_up": ("gauge", frozenset()),
+    "token_broker_sink_writes_total": ("counter", frozenset({"outcome"})),
 }
 # Labels whose values come from a fixed set in the code; provider values are the operator's.
 CLOSED_LABELS = ("outcome", "state")

@@ -19,8 +19,9 @@ outside the brokers:
 - `fleet_change_lag_seconds` from every broker's /metrics (p50, p99);
 - with one broker SIGKILLed every 10 s and restarted: the grants lost (rotation_lost), against
   the kills that landed while that broker had a refresh at the provider;
-- with the database stopped for 20 s, and later restarted: every broker keeps serving valid
-  tokens, /readyz says 503 with the reason while it is down, and all recover without a restart.
+- with the database stopped for 20 s, and later restarted: as it stops, every broker serves
+  every sampled grant whose token still has 1.5 s to live, and the tokens work at the IdP;
+  /readyz says 503 with the reason while it is down, and all recover without a restart.
 
 `make fleet` runs these and prints their numbers.
 """
@@ -79,6 +80,8 @@ MIN_TTL_SHARE = 0.05  # of requests ask for more life than is left: off-schedule
 MIN_TTL = 4
 KILL_EVERY = 10.0
 OUTAGE = 20.0
+PROBE_USERS = 60  # grants each node is asked for as the database stops
+PROBE_LEFT = 1.5  # seconds of life a token needs then to have to be probed
 NODES = ("a", "b", "c")
 
 
@@ -107,6 +110,8 @@ class FleetRun:
         self.kills: list[tuple[str, bool]] = []  # (node id killed, a refresh was in flight)
         self.readyz_down: list[tuple[str, int, str]] = []
         self.outage_serves: Counter[str] = Counter()
+        self.outage_probed: Counter[str] = Counter()
+        self.outage_refused: dict[str, list[tuple[str, int]]] = defaultdict(list)
 
     def env(self, name: str) -> dict[str, str]:
         """The environment a node runs with: node "c" under a clock SKEW seconds ahead."""
@@ -162,11 +167,7 @@ class FleetRun:
             traffic.statuses[reply.status] += 1
             if reply.status == 200:
                 traffic.by_node[name] += 1
-                token = reply.json()["access_token"]
-                if token not in traffic.served:
-                    traffic.served[token] = (user, sent)
-                    if await self.userinfo.status(token) != 200:
-                        traffic.rejected.append((user, token, sent, time.time()))
+                await self._check(user, reply.json()["access_token"], sent, traffic)
             await asyncio.sleep(CLIENT_PAUSE)
 
     # -- faults -------------------------------------------------------------------------------
@@ -206,19 +207,56 @@ class FleetRun:
             await engine.dispose()
 
     async def outage(self, seconds: float, traffic: Traffic) -> None:
-        """Stop the database for `seconds`; watch /readyz and serving meanwhile."""
-        served_before = dict(traffic.by_node)
+        """Stop the database for `seconds`; probe serving as it stops, and /readyz meanwhile.
+
+        Right before the stop every node is asked for a sample of grants; right after it, the
+        ones whose token had at least PROBE_LEFT seconds to live are asked again. Each must be
+        served (from memory: the store is gone) and the token must work at the IdP, unless a
+        refresh begun after the request explains its rejection (as for all traffic).
+        """
+        sample = self.accounts[:PROBE_USERS]
+        before = {
+            name: await asyncio.gather(*(self._expiry(broker, user) for user in sample))
+            for name, broker in self.nodes.items()
+        }
+        probed_at = time.monotonic()
         await asyncio.to_thread(self.pg.stop)
         try:
-            await asyncio.sleep(min(seconds, 12))
+            stopped = time.monotonic() - probed_at
             for name, broker in self.nodes.items():
-                reply = await asyncio.to_thread(request, broker.socket, "GET", "/readyz")
-                self.readyz_down.append((name, reply.status, reply.body.decode()[:300]))
-            await asyncio.sleep(max(0.0, seconds - 12))
+                alive = [
+                    user
+                    for user, left in zip(sample, before[name], strict=True)
+                    if left is not None and left - stopped >= PROBE_LEFT
+                ]
+                replies = await asyncio.gather(*(broker.token(user) for user in alive))
+                self.outage_probed[name] = len(alive)
+                for user, reply in zip(alive, replies, strict=True):
+                    if reply.status != 200:
+                        self.outage_refused[name].append((user, reply.status))
+                        continue
+                    self.outage_serves[name] += 1
+                    await self._check(user, reply.json()["access_token"], time.time(), traffic)
+            await asyncio.sleep(max(0.0, min(seconds, 12) - (time.monotonic() - probed_at)))
+            for name, broker in self.nodes.items():
+                ready = await asyncio.to_thread(request, broker.socket, "GET", "/readyz")
+                self.readyz_down.append((name, ready.status, ready.body.decode()[:300]))
+            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - probed_at)))
         finally:
-            for name in NODES:
-                self.outage_serves[name] = traffic.by_node[name] - served_before.get(name, 0)
             await asyncio.to_thread(self.pg.start)
+
+    @staticmethod
+    async def _expiry(broker: BrokerProcess, user: str) -> float | None:
+        """Seconds left on the token `broker` serves for `user` now; None if none is served."""
+        reply = await broker.token(user)
+        return float(reply.json()["expires_in"]) if reply.status == 200 else None
+
+    async def _check(self, user: str, token: str, sent: float, traffic: Traffic) -> None:
+        """Send a newly served token to the IdP's userinfo; record a rejection."""
+        if token not in traffic.served:
+            traffic.served[token] = (user, sent)
+            if await self.userinfo.status(token) != 200:
+                traffic.rejected.append((user, token, sent, time.time()))
 
     # -- after the run ------------------------------------------------------------------------
 
@@ -381,7 +419,10 @@ async def test_three_brokers_share_the_work_and_never_serve_a_rotated_token_thro
         lag = await run.lag()
     numbers |= {
         "grants": dict(states),
-        "served_during_outage": dict(run.outage_serves),
+        "outage_probe": {
+            name: f"{run.outage_serves[name]} of {run.outage_probed[name]} served" for name in NODES
+        },
+        "outage_refused": dict(run.outage_refused),
         "readyz_during_outage": [(n, s) for n, s, _ in run.readyz_down],
         "readyz_after": ready_after,
         "lag_before_outage": lag_before_outage,
@@ -393,7 +434,8 @@ async def test_three_brokers_share_the_work_and_never_serve_a_rotated_token_thro
     assert min(split.values()) >= 0.2 * sum(split.values()), numbers
     assert all(status == 503 for _, status, _ in run.readyz_down), run.readyz_down
     assert all("store" in body or "fleet" in body for _, _, body in run.readyz_down)
-    assert all(count > 0 for count in run.outage_serves.values()), numbers
+    assert all(run.outage_probed[name] > 0 for name in NODES), numbers
+    assert all(run.outage_serves[name] == run.outage_probed[name] for name in NODES), numbers
     assert ready_after == dict.fromkeys(NODES, 200), numbers
     assert lag_before_outage["p99_ms"] < 100, numbers
 

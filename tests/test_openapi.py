@@ -855,6 +855,7 @@ def _token_reply(
         "Content-Type": "application/json",
         "Cache-Control": "no-store",
         "Pragma": "no-cache",
+        "ETag": '"0123456789abcdef.7"',
     }
     fields = _changed(good_headers, headers or {})
     return Reply(
@@ -896,6 +897,8 @@ def test_the_validator_accepts_the_documented_shapes(contract: Contract) -> None
         (_token_reply(headers={"Cache-Control": DROP}), "header Cache-Control is missing"),
         (_token_reply(headers={"Cache-Control": "max-age=60"}), "header Cache-Control"),
         (_token_reply(headers={"Content-Type": "text/html"}), "Content-Type text/html"),
+        (_token_reply(headers={"ETag": DROP}), "header ETag is missing"),
+        (_token_reply(headers={"ETag": "at-example"}), "header ETag"),
         (_problem_reply(503, "token_unavailable"), "header Retry-After is missing"),
         (_problem_reply(503, "token_unavailable", {"Retry-After": "soon"}), "not an integer"),
         (_problem_reply(409, "token_unavailable"), "const"),
@@ -914,6 +917,8 @@ def test_the_validator_accepts_the_documented_shapes(contract: Contract) -> None
         "no-cache-control",
         "cacheable",
         "html",
+        "no-etag",
+        "etag-not-a-generation",
         "503-without-retry-after",
         "retry-after-not-seconds",
         "wrong-code-for-status",

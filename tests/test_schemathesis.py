@@ -12,7 +12,8 @@ examples, its coverage cases (boundary and negative values, missing auth, unexpe
 and generated requests, `MAX_EXAMPLES` of them, derandomized. Every case is sent as `billing`
 and then as the admin. Beside Schemathesis's own checks (status codes, media types, headers and
 bodies conform; positive data is accepted and negative data refused; auth is not ignored;
-unexpected methods are 405 with Allow) every response must pass this module's checks:
+unexpected methods are 405 with Allow) every response must pass this module's checks (a valid
+`wait` is capped at 2 seconds, so that a request held for it ends within the client's timeout):
 
 - every 4xx and 5xx is application/problem+json with exactly the Problem fields and a
   documented code (the readiness report `GET /readyz` 503 is the documented exception);
@@ -67,6 +68,7 @@ PEOPLE = {"alice": "alice-password", "bob": "bob-password"}  # alice is the docu
 REDIRECT = "http://127.0.0.1:9/oauth-callback/"  # DOT ignores the port; nothing listens there
 MAX_EXAMPLES = 200  # generated requests per operation, after its examples and coverage cases
 REQUEST_TIMEOUT = 15.0  # seconds; a refresh or revocation waits on the IdP
+HELD_WAIT = 2  # seconds a generated token request may be held (its `wait`, capped)
 DEADLINE = timedelta(seconds=40)  # per example: two requests, each possibly at the IdP
 MIN_TELLING_TOKEN = 16  # characters a sent refresh token needs before a leak check looks for it
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
@@ -319,6 +321,7 @@ class Live:
     def send(self, case: Case) -> None:
         """Send `case` as the non-admin client, then as the admin, and check both answers."""
         self.run.label = case.operation.label
+        _shorten_wait(case)
         checks = [
             errors_are_problems,
             server_errors_are_token_unavailable,
@@ -345,6 +348,14 @@ class Live:
         for value in self.refresh_tokens | self.bearers | conftest.SECRETS:
             text = text.replace(value, "[secret]")
         return text
+
+
+def _shorten_wait(case: Case) -> None:
+    """Cap a valid `wait` at HELD_WAIT seconds: a request whose If-None-Match names the current
+    token (`*` does) is held for its whole wait, which must end within REQUEST_TIMEOUT."""
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= 300:
+        case.query["wait"] = min(wait, HELD_WAIT)
 
 
 def _config(home: Home, idp: DjangoIdP, tcp_port: int, admin: str, client: str) -> str:

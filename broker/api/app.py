@@ -15,9 +15,19 @@ from aiohttp.typedefs import Handler
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from broker.api import handlers
-from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, POLICY, READINESS, SERVICE
+from broker.api.context import (
+    CALLER,
+    CLOCK,
+    LOGINS,
+    METRICS,
+    POLICY,
+    READINESS,
+    SERVICE,
+    WATCHES,
+)
 from broker.api.identity import ANONYMOUS, Caller, Peer, Policy, read_peer
 from broker.api.problems import OUTCOMES, problem, problem_for, unauthenticated
+from broker.api.watch import MAX_HELD_PER_CALLER, Watches
 from broker.errors import BrokerError
 from broker.grants import GrantService
 from broker.login import LoginService
@@ -118,6 +128,7 @@ def build_app(
     policy: Policy,
     clock: Callable[[], datetime],
     readiness: Callable[[], Awaitable[list[str]]],
+    held_per_caller: int = MAX_HELD_PER_CALLER,
 ) -> web.Application:
     """The API application; the same one serves the Unix socket and the TCP listener."""
     app = web.Application(middlewares=[problems, identify], client_max_size=MAX_BODY_BYTES)
@@ -128,6 +139,14 @@ def build_app(
     app[CLOCK] = clock
     app[READINESS] = readiness
     app[PEERS] = weakref.WeakKeyDictionary()
+    app[WATCHES] = watches = Watches(held_per_caller)
+    unsubscribe = service.subscribe(watches.publish)
+    app.on_shutdown.append(watches.close)  # answers held requests before the drain
+
+    async def stop_watching(_app: web.Application) -> None:
+        unsubscribe()
+
+    app.on_cleanup.append(stop_watching)
     app.router.add_get("/v1/tokens/{provider}/{user}", handlers.get_token, name=_TOKEN_ROUTE_NAME)
     app.router.add_get("/v1/grants", handlers.list_grants)
     app.router.add_post("/v1/grants", handlers.import_grant)

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiMapping
 
-from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, READINESS, SERVICE
+from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, READINESS, SERVICE, WATCHES
 from broker.api.problems import OUTCOMES, classify, problem_for
+from broker.api.watch import MAX_WAIT_SECONDS, etag, matches, next_token
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.grants import Import
 from broker.login import METHODS, DeviceLoginStarted
@@ -21,6 +23,7 @@ MAX_SECRET_CHARS = 16_384
 MAX_EXPIRES_IN = 10 * 365 * 86_400
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 NDJSON = "application/x-ndjson"
+_TOKEN_PARAMETERS = frozenset({"min_ttl", "wait"})
 _IMPORT_FIELDS = {
     "provider",
     "user",
@@ -49,23 +52,46 @@ def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 async def get_token(request: web.Request) -> web.Response:
-    """GET /v1/tokens/{provider}/{user}: the access token, from memory in the steady state."""
+    """GET /v1/tokens/{provider}/{user}: the access token, from memory in the steady state.
+
+    With If-None-Match naming the served token's ETag: 304, at once or (with `wait`) when
+    the wait ends without a new token; `broker.api.watch` holds such requests.
+    """
     started = time.perf_counter()
     provider, user = request.match_info["provider"], request.match_info["user"]
     metrics = request.app[METRICS]
+    condition = request.headers.get("If-None-Match")
+    held = False
     try:
-        min_ttl = _min_ttl(request)
+        min_ttl, wait = _token_query(request)
         caller = request[CALLER]
         if not caller.may_fetch(provider, user):
             raise Forbidden(f"caller {caller.name} may not fetch {provider}/{user}")
-        grant = await request.app[SERVICE].token(provider, user, min_ttl or 0)
+        service = request.app[SERVICE]
+        grant = await service.token(provider, user, min_ttl)
+        if condition is not None and wait is not None and matches(condition, etag(grant)):
+            held = True
+            grant = await next_token(
+                request,
+                request.app[WATCHES],
+                grant,
+                condition=condition,
+                seconds=wait,
+                caller=caller.name,
+                clock=request.app[CLOCK],
+                fetch=lambda: service.token(provider, user, min_ttl),
+            )
     except BrokerError as exc:
         _status, code, _title = classify(exc)
         outcome = OUTCOMES.get(code, "unavailable")
-        metrics.count_token_request(provider, outcome, time.perf_counter() - started)
+        metrics.count_token_request(provider, outcome, _elapsed(started, held))
         return problem_for(exc)
     assert grant.tokens.access_token is not None
     assert grant.access_expires_at is not None
+    tag = etag(grant)
+    metrics.count_token_request(provider, "served", _elapsed(started, held))
+    if condition is not None and matches(condition, tag):
+        return web.Response(status=304, headers={**NO_STORE, "ETag": tag})
     body = {
         "access_token": grant.tokens.access_token.reveal(),
         "token_type": grant.token_type,
@@ -75,25 +101,40 @@ async def get_token(request: web.Request) -> web.Response:
         "provider": grant.provider,
         "user": grant.user,
     }
-    metrics.count_token_request(provider, "served", time.perf_counter() - started)
-    return _json(body, headers=NO_STORE)
+    return _json(body, headers={**NO_STORE, "ETag": tag})
 
 
-def _min_ttl(request: web.Request) -> int | None:
-    # A misspelt parameter ("minttl") silently ignored would hand out a token about to expire.
-    unknown = sorted({name for name in request.query if name != "min_ttl"})
+def _elapsed(started: float, held: bool) -> float | None:
+    # A held request's time is the caller's chosen wait, not the broker's speed.
+    return None if held else time.perf_counter() - started
+
+
+def _token_query(request: web.Request) -> tuple[int, int | None]:
+    """(min_ttl, wait) from the query; a misspelt parameter silently ignored would hand out
+    a token about to expire, so anything else is refused."""
+    query = request.query
+    if not query:
+        return 0, None
+    unknown = sorted({name for name in query if name not in _TOKEN_PARAMETERS})
     if unknown:
         names = ", ".join(repr(name[:32]) for name in unknown[:5])
-        raise BadRequest(f"unknown query parameter {names}; this route takes only min_ttl")
-    if len(request.query.getall("min_ttl", [])) > 1:
-        raise BadRequest("give min_ttl once")
-    raw = request.query.get("min_ttl")
-    if raw is None:
+        raise BadRequest(f"unknown query parameter {names}; this route takes min_ttl and wait")
+    min_ttl = _seconds(query, "min_ttl", 0, MAX_MIN_TTL)
+    wait = _seconds(query, "wait", 1, MAX_WAIT_SECONDS)
+    return (min_ttl or 0), wait
+
+
+def _seconds(query: MultiMapping[str], name: str, low: int, high: int) -> int | None:
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"give {name} once")
+    if not values:
         return None
+    raw = values[0]
     # isdigit() alone also accepts "²" and other non-ASCII digits, which int() refuses, and
     # int() refuses strings past 4300 digits: both must be a 400, not a 500.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or int(raw) > MAX_MIN_TTL:
-        raise BadRequest(f"min_ttl must be a whole number of seconds from 0 to {MAX_MIN_TTL}")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be a whole number of seconds from {low} to {high}")
     return int(raw)
 
 

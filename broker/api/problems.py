@@ -13,6 +13,7 @@ from broker.errors import (
     GrantNotFound,
     ReauthRequired,
     TokenUnavailable,
+    TooManyHeld,
 )
 
 PROBLEM_TYPE = "application/problem+json"
@@ -24,6 +25,7 @@ _PROBLEMS: dict[type[BrokerError], tuple[int, str, str]] = {
     GrantNotFound: (404, "grant_not_found", "Grant not found"),
     ReauthRequired: (409, "reauth_required", "Re-authentication required"),
     TokenUnavailable: (503, "token_unavailable", "Token unavailable"),
+    TooManyHeld: (429, "too_many_requests", "Too many requests"),
 }
 
 # Outcome label of token_broker_token_requests_total for each problem code.
@@ -70,7 +72,7 @@ def problem_for(exc: BrokerError) -> web.Response:
     if status == 500:
         return problem(status, code, title, "the broker failed; see its log")
     headers = {}
-    if isinstance(exc, TokenUnavailable):
+    if isinstance(exc, TokenUnavailable | TooManyHeld):
         headers["Retry-After"] = str(exc.retry_after)
     return problem(status, code, title, str(exc), headers)
 

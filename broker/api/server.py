@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -112,8 +114,39 @@ async def _too_slow(request: web.Request, seconds: float) -> web.StreamResponse:
     return response
 
 
+def on_disconnect(request: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` once if the client's connection is lost; returns the function that
+    cancels it. aiohttp does not cancel a handler whose client went away, so a handler that
+    waits a long time for something else learns of it here (on connections this module
+    made; elsewhere the callback is never called)."""
+    protocol = request.protocol
+    if not isinstance(protocol, _ProblemRequestHandler):
+        return _nothing
+    protocol.lost_callbacks.append(callback)
+
+    def cancel() -> None:
+        with contextlib.suppress(ValueError):
+            protocol.lost_callbacks.remove(callback)
+
+    return cancel
+
+
+def _nothing() -> None:
+    """Nothing to cancel."""
+
+
 class _ProblemRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering requests it cannot parse with a problem."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost_callbacks: list[Callable[[], None]] = []
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        callbacks, self.lost_callbacks = self.lost_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def handle_error(
         self,

@@ -44,7 +44,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
     print(
         f"{config.source}: ok ({len(config.providers)} provider(s), "
-        f"{len(config.clients)} client(s))"
+        f"{len(config.clients)} client(s), {len(config.sinks)} sink(s))"
     )
     return EXIT_OK
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from broker.cli.common import (
     EXIT_ERROR,
@@ -19,10 +20,12 @@ from broker.cli.common import (
     call,
     client_call,
     now,
+    load,
     options,
     print_json,
     table,
 )
+from broker.errors import BrokerError
 
 EXPIRY_GRACE_SECONDS = 5.0  # the daemon reads a login past its expiry as failed
 
@@ -236,12 +239,37 @@ def _wait_for_login(args: argparse.Namespace, started: dict[str, Any]) -> dict[s
     raise CliError(f"gave up waiting after {limit:g} s; the login may still complete")
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    """Print a fresh access token."""
+EXEC_CREDENTIAL_API = "client.authentication.k8s.io/v1"
+FORMATS = ("token", "json", "header", "exec-credential")
+GIT_OPERATIONS = ("get", "store", "erase")
+_MAX_GIT_INPUT = 64 * 1024  # git sends a few short lines; anything past this is not git
+
+
+def _fetch_token(args: argparse.Namespace, provider: str, user: str) -> dict[str, Any]:
     query = "" if args.min_ttl is None else f"?min_ttl={args.min_ttl}"
-    token = call(args, "GET", f"/v1/tokens/{args.provider}/{args.user}{query}")
-    if args.json:
+    token: dict[str, Any] = call(args, "GET", f"/v1/tokens/{provider}/{user}{query}")
+    return token
+
+
+def exec_credential(token: dict[str, Any]) -> dict[str, Any]:
+    """A Kubernetes ExecCredential (client.authentication.k8s.io/v1) carrying the token."""
+    return {
+        "apiVersion": EXEC_CREDENTIAL_API,
+        "kind": "ExecCredential",
+        "status": {"token": token["access_token"], "expirationTimestamp": token["expires_at"]},
+    }
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a fresh access token in the chosen format."""
+    token = _fetch_token(args, args.provider, args.user)
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
         print_json(token)
+    elif fmt == "header":
+        print(f"Authorization: Bearer {token['access_token']}")
+    elif fmt == "exec-credential":
+        print(json.dumps(exec_credential(token), indent=2))
     else:
         print(token["access_token"])
     return EXIT_OK
@@ -293,6 +321,73 @@ def _import_jsonl(args: argparse.Namespace) -> int:
         for number, why in failed:
             print(f"line {number}: {why}", file=sys.stderr)
     return EXIT_ERROR if failed else EXIT_OK
+def read_git_request(stream: TextIO) -> dict[str, str]:
+    """git's credential request: `key=value` lines up to a blank line or the end."""
+    attributes: dict[str, str] = {}
+    total = 0
+    for line in stream:
+        total += len(line)
+        if total > _MAX_GIT_INPUT:
+            raise CliError("the credential request on stdin is too long for git's protocol")
+        text = line.rstrip("\n")
+        if not text:
+            break
+        key, sep, value = text.partition("=")
+        if sep:
+            attributes[key] = value
+    return attributes
+
+
+def _git_username(args: argparse.Namespace, provider: str) -> str:
+    """--username, else the provider's git_username in the config, else git's usual oauth2."""
+    if args.username:
+        if any(ch in args.username for ch in "\n\0"):
+            raise CliError("--username must be one line", EXIT_USAGE)
+        return str(args.username)
+    try:
+        config = load(args)
+    except BrokerError:
+        if not args.socket:
+            raise  # without the config there is no socket to ask either
+        return "oauth2"  # a caller who may not read the config names the socket
+    settings = config.providers.get(provider)
+    return "oauth2" if settings is None else settings.git_username
+
+
+def _loopback(host: str) -> bool:
+    """Whether git's `host` (NAME, NAME:PORT or [IPV6]:PORT) is this machine."""
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_git_credential(args: argparse.Namespace) -> int:
+    """git's credential helper: answer `get` with the access token; accept store and erase."""
+    request = read_git_request(sys.stdin)
+    if args.operation != "get":
+        return EXIT_OK  # the broker keeps the token; git has nothing to store or erase here
+    provider, sep, user = args.grant.partition("/")
+    if not sep or not provider or not user:
+        raise CliError(f"{args.grant!r} is not PROVIDER/USER", EXIT_USAGE)
+    protocol, host = request.get("protocol", "https"), request.get("host", "")
+    if protocol != "https" and not _loopback(host):
+        raise CliError(
+            f"refusing to send an access token over {protocol} to {host or 'an unnamed host'}; "
+            "use an https:// remote"
+        )
+    username = _git_username(args, provider)
+    token = _fetch_token(args, provider, user)
+    expiry = datetime.fromisoformat(token["expires_at"].replace("Z", "+00:00"))
+    sys.stdout.write(
+        f"username={username}\n"
+        f"password={token['access_token']}\n"
+        f"password_expiry_utc={int(expiry.timestamp())}\n"
+    )
+    return EXIT_OK
 
 
 def register(sub: Any) -> None:
@@ -412,7 +507,10 @@ def register(sub: Any) -> None:
         "token",
         parents=[client],
         help="print an access token",
-        description="Print a fresh access token for PROVIDER USER to stdout.",
+        description="Print a fresh access token for PROVIDER USER to stdout, as the bare token "
+        "(default), the API's JSON (--format json or --json), an HTTP header line (--format "
+        "header), or a Kubernetes ExecCredential for kubectl's exec plugins (--format "
+        "exec-credential).",
     )
     p.add_argument("provider")
     p.add_argument("user")
@@ -422,4 +520,38 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="refresh first if the token lives less than this",
     )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="token",
+        help="token (default), json, header (Authorization: Bearer ...) or exec-credential "
+        f"(a {EXEC_CREDENTIAL_API} ExecCredential)",
+    )
     p.set_defaults(handler=cmd_token)
+
+    p = sub.add_parser(
+        "git-credential",
+        parents=[options(client=True)],
+        help="git credential helper serving a grant's access token",
+        description="git's credential-helper protocol: `get` reads git's request on stdin and "
+        "answers username= (the provider's git_username, default oauth2), password= (the "
+        "access token) and password_expiry_utc=; `store` and `erase` are accepted and do "
+        "nothing. Errors go to stderr with a non-zero exit, so git tries its next helper. "
+        "Configure it for one host only: git config --global "
+        "credential.https://HOST.helper '/usr/bin/token-broker git-credential PROVIDER/USER'",
+    )
+    p.add_argument("grant", metavar="PROVIDER/USER")
+    p.add_argument("operation", choices=GIT_OPERATIONS, help="what git asks (get, store, erase)")
+    p.add_argument(
+        "--username",
+        metavar="NAME",
+        help="the username to answer with (default: the provider's git_username in the config, "
+        "else oauth2)",
+    )
+    p.add_argument(
+        "--min-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="refresh first if the token lives less than this (a long push needs time)",
+    )
+    p.set_defaults(handler=cmd_git_credential)
