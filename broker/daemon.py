@@ -51,9 +51,9 @@ from broker.metrics import Metrics
 from broker.model import GrantState, Secret
 from broker.refresher import LEASE, Refresher
 from broker.schedule import RefreshPolicy
+from broker.sinks import Sinks
 from broker.store.engine import listener_params, store_engine
 from broker.store.feed import PgListener
-from broker.sinks import Sinks
 from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
 from broker.store.nodes import NodeRepository

@@ -19,8 +19,8 @@ from broker.cli.common import (
     CliError,
     call,
     client_call,
-    now,
     load,
+    now,
     options,
     print_json,
     table,
@@ -321,6 +321,8 @@ def _import_jsonl(args: argparse.Namespace) -> int:
         for number, why in failed:
             print(f"line {number}: {why}", file=sys.stderr)
     return EXIT_ERROR if failed else EXIT_OK
+
+
 def read_git_request(stream: TextIO) -> dict[str, str]:
     """git's credential request: `key=value` lines up to a blank line or the end."""
     attributes: dict[str, str] = {}
