@@ -64,6 +64,9 @@ django_idp_factory = idp_fixture.django_idp_factory
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 KEPT, NEW, LOST = "kept", "new", "lost"
+# The back-off after a refused refresh runs out while its settle waits for the store: the
+# grant is kept, and due again as soon as the settle lands, so it may rotate before it is read.
+KEPT_THEN_DUE = f"{KEPT} or {NEW}"
 GRACES = (0, 30)
 # Long tokens: no refresh happens in a cell but the one the cell triggers.
 SETTINGS = RefreshSettings(lifetime_fraction=0.75, min_margin="60s", jitter=0.0, max_concurrency=8)
@@ -92,7 +95,7 @@ class Row:
     def ok(self) -> bool:
         """Whether the cell ended as it must."""
         return (
-            self.end_state == self.expected
+            self.end_state in self.expected.split(" or ")
             and self.reuse_detections == 0
             and self.http_500 == 0
             and self.rejected == 0
@@ -430,8 +433,8 @@ CELLS: list[Cell] = [
     Cell("store: locked at the commit", NEW, NEW, sqlite_locked_after_answer(None), ("sqlite",)),
     Cell(
         "store: locked at the settle (503)",
-        KEPT,
-        KEPT,
+        KEPT_THEN_DUE,
+        KEPT_THEN_DUE,
         sqlite_locked_after_answer(503),
         ("sqlite",),
     ),
@@ -452,8 +455,8 @@ CELLS: list[Cell] = [
     ),
     Cell(
         "store: down 20 s at the settle (503)",
-        KEPT,
-        KEPT,
+        KEPT_THEN_DUE,
+        KEPT_THEN_DUE,
         postgres_after_answer(503, OUTAGE),
         ("postgresql",),
     ),
