@@ -137,6 +137,32 @@ class GrantService:
             self._cache.put(grant)
         return len(self._cache)
 
+    def ready(self, provider: str, user: str) -> Grant | None:
+        """The grant whose access token `token` would serve at once with no `min_ttl`, without
+        waiting on anything or asking the store; None when `token` has more to do (or to say).
+
+        The token path's steady state: an active grant, cached, not being refreshed here or
+        elsewhere as far as this process knows, not near its refresh time (where `token` asks
+        the store), with a live access token.
+        """
+        grant = self._cache.get(provider, user)
+        if grant is None or grant.state is not GrantState.ACTIVE or grant.intent_at is not None:
+            return None
+        refresher = self._refresher
+        now = self._clock()
+        if refresher is not None:
+            if (
+                refresher.commit_pending(grant.id)
+                or refresher.is_rotating(grant.id)
+                or refresher.behind(grant)
+            ):
+                return None
+            if grant.next_refresh_at is not None and now >= grant.next_refresh_at - NEAR_REFRESH:
+                return None
+        if grant.tokens.access_token is None or needs_refresh(grant.access_expires_at, now, 0):
+            return None
+        return grant
+
     async def token(self, provider: str, user: str, min_ttl: float = 0) -> Grant:
         """The grant whose access token may be served now, or the reason it may not.
 

@@ -108,6 +108,7 @@ class Api:
     tcp_url: str | None
     policy: Policy
     socket: Path
+    app: web.Application
 
     async def call(
         self,
@@ -223,6 +224,7 @@ async def served_api(
                     tcp_url,
                     policy,
                     listener.path,
+                    app,
                 )
     finally:
         listener.remove()

@@ -25,8 +25,10 @@ from broker.api.context import (
     SERVICE,
     WATCHES,
 )
+from broker.api.fast import FastTokens
 from broker.api.identity import ANONYMOUS, Caller, Peer, Policy, read_peer
 from broker.api.problems import OUTCOMES, problem, problem_for, unauthenticated
+from broker.api.server import FRONT
 from broker.api.watch import MAX_HELD_PER_CALLER, Watches
 from broker.errors import BrokerError
 from broker.grants import GrantService
@@ -37,6 +39,7 @@ MAX_BODY_BYTES = 64 * 1024
 _TOKEN_ROUTE_NAME = "token"
 _PUBLIC = frozenset({"/healthz", "/readyz", "/metrics"})
 # The peer of each open Unix-socket connection; an entry goes when its transport does.
+FAST = web.AppKey("fast", FastTokens)
 PEERS: web.AppKey[weakref.WeakKeyDictionary[asyncio.BaseTransport, Peer]] = web.AppKey("peers")
 log = structlog.get_logger("broker.api")
 
@@ -158,6 +161,8 @@ def build_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    fast = app[FAST] = FastTokens(app, app[PEERS])
+    app[FRONT] = fast.wrap
     return app
 
 

@@ -16,7 +16,7 @@ from broker.api.watch import MAX_WAIT_SECONDS, etag, matches, next_token
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.grants import Import
 from broker.login import METHODS, DeviceLoginStarted
-from broker.model import GrantSummary, Secret
+from broker.model import Grant, GrantSummary, Secret
 
 MAX_MIN_TTL = 86_400
 MAX_SECRET_CHARS = 16_384
@@ -92,16 +92,26 @@ async def get_token(request: web.Request) -> web.Response:
     metrics.count_token_request(provider, "served", _elapsed(started, held))
     if condition is not None and matches(condition, tag):
         return web.Response(status=304, headers={**NO_STORE, "ETag": tag})
-    body = {
-        "access_token": grant.tokens.access_token.reveal(),
-        "token_type": grant.token_type,
-        "expires_in": int(grant.access_ttl(request.app[CLOCK]())),
-        "expires_at": rfc3339(grant.access_expires_at),
-        "scope": " ".join(grant.scopes),
-        "provider": grant.provider,
-        "user": grant.user,
-    }
-    return _json(body, headers={**NO_STORE, "ETag": tag})
+    body = token_body(grant, int(grant.access_ttl(request.app[CLOCK]())))
+    return web.Response(
+        body=body, content_type="application/json", headers={**NO_STORE, "ETag": tag}
+    )
+
+
+def token_body(grant: Grant, expires_in: int) -> bytes:
+    """The JSON body serving `grant`'s access token (see the token route)."""
+    assert grant.tokens.access_token is not None
+    return json.dumps(
+        {
+            "access_token": grant.tokens.access_token.reveal(),
+            "token_type": grant.token_type,
+            "expires_in": expires_in,
+            "expires_at": rfc3339(grant.access_expires_at),
+            "scope": " ".join(grant.scopes),
+            "provider": grant.provider,
+            "user": grant.user,
+        }
+    ).encode()
 
 
 def _elapsed(started: float, held: bool) -> float | None:

@@ -166,11 +166,14 @@ class Policy:
     def __init__(self, clients: Sequence[ClientConfig], daemon_uid: int) -> None:
         self._daemon_uid = daemon_uid
         self._rules = _compile(clients)
+        # Moves on every replace: a decision remembered under an older generation is stale.
+        self.generation = 0
 
     def replace(self, clients: Sequence[ClientConfig]) -> None:
         """Rebuild the rules from `clients` (names resolved again) and swap them in at once."""
         rules = _compile(clients)  # may block on the user database; done before the swap
         self._rules = rules
+        self.generation += 1
 
     def unix_caller(self, uid: int, gid: int, groups: Collection[int] = ()) -> Caller:
         """The caller behind a Unix-socket peer; root and the daemon's own uid are admin."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,9 @@ MAX_LINE_SIZE = 8190  # bytes in the request line (method, target, version)
 MAX_FIELD_SIZE = 8190  # bytes in one header line
 MAX_HEADERS = 64  # header lines in one request
 log = structlog.get_logger("broker.api")
+RequestHandlerFn = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+# What the runner puts in front of the application's own request handler (see broker.api.fast).
+FRONT: web.AppKey[Callable[[RequestHandlerFn], RequestHandlerFn]] = web.AppKey("front")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,9 @@ async def start_runner(
     # class is swapped for one that makes connections answering with a problem. Guarded by
     # tests/test_openapi.py::test_a_request_head_over_the_limits_is_a_400_problem.
     runner.server.__class__ = _ProblemServer
+    front = app.get(FRONT)
+    if front is not None:
+        runner.server.request_handler = front(runner.server.request_handler)
     stack.push_async_callback(runner.cleanup)  # drains in-flight requests, up to the timeout
     return runner
 

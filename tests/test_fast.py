@@ -1,0 +1,141 @@
+"""The token route's fast path (broker.api.fast) answers as the full route does, and only the
+steady state: everything else reaches the application.
+
+Served over a real Unix socket through `start_runner`, as the daemon serves; a connection's
+first request always goes to the application (which reads the peer's credentials), so the
+second request on one keep-alive connection is the first the fast path can answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from broker.api.app import FAST
+from tests.test_api import Api, Reply, _sample, served_api
+
+PROVIDER, USER = "techniek", "alice"
+TOKEN_PATH = f"/v1/tokens/{PROVIDER}/{USER}"
+COMPARED_HEADERS = ("Content-Type", "Content-Length", "Cache-Control", "Pragma", "ETag")
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    """The API with one grant holding a live access token."""
+    async with served_api(tmp_path) as served:
+        reply = await served.import_grant(
+            provider=PROVIDER,
+            user=USER,
+            refresh_token="fast-refresh-token-value",
+            access_token="fast-access-token-value",
+            expires_in=3600,
+        )
+        assert reply.status == 201, reply.text
+        yield served
+
+
+def answered(api: Api) -> int:
+    """How many requests the fast path has answered."""
+    return api.app[FAST].answered
+
+
+async def on_a_new_connection(api: Api, path: str) -> Reply:
+    """GET `path` on a connection of its own: its first request, which the application answers."""
+    connector = aiohttp.UnixConnector(path=str(api.socket), force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get("http://broker" + path) as response,
+    ):
+        return Reply(response.status, response.headers, await response.text())
+
+
+def same_answer(full: Reply, fast: Reply) -> None:
+    assert (fast.status, fast.text) == (full.status, full.text)
+    for name in COMPARED_HEADERS:
+        assert fast.headers.get(name) == full.headers.get(name), name
+
+
+async def test_the_steady_state_is_answered_by_the_fast_path_exactly_as_the_full_route_does(
+    api: Api,
+) -> None:
+    before = answered(api)
+    full = await on_a_new_connection(api, TOKEN_PATH)
+    assert answered(api) == before
+    fast = await api.call("GET", TOKEN_PATH)  # the import opened this connection
+    assert answered(api) == before + 1
+    assert full.status == 200
+    assert full.json()["access_token"] == "fast-access-token-value"
+    same_answer(full, fast)
+    exposition = await api.metrics_text()
+    served = _sample(
+        exposition, "token_broker_token_requests_total", provider=PROVIDER, outcome="served"
+    )
+    assert served == 2
+
+
+async def test_expires_in_counts_down_and_a_new_token_is_served_at_once(api: Api) -> None:
+    before = answered(api)
+    first = await api.call("GET", TOKEN_PATH)
+    api.clock.advance(10)
+    later = await api.call("GET", TOKEN_PATH)
+    assert answered(api) == before + 2
+    assert later.json()["expires_in"] == first.json()["expires_in"] - 10
+    reply = await api.import_grant(
+        provider=PROVIDER,
+        user=USER,
+        refresh_token="fast-refresh-token-second",
+        access_token="fast-access-token-second",
+        expires_in=3600,
+        force=True,
+    )
+    assert reply.status in (200, 201), reply.text
+    replaced = await api.call("GET", TOKEN_PATH)
+    assert replaced.json()["access_token"] == "fast-access-token-second"
+    assert replaced.headers["ETag"] != first.headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (TOKEN_PATH + "?min_ttl=60", None),  # a query: the full route parses it
+        (TOKEN_PATH, {"If-None-Match": '"x"'}),  # a condition: the full route decides
+        (f"/v1/tokens/{PROVIDER}/{USER}/more", None),  # no such route
+        (f"/v1/tokens/{PROVIDER}/bob", None),  # no such grant
+    ],
+)
+async def test_anything_but_the_steady_state_reaches_the_application(
+    api: Api, path: str, headers: dict[str, str] | None
+) -> None:
+    before = answered(api)
+    full = await api.call("GET", path, headers=headers)
+    assert answered(api) == before
+    assert full.status in (200, 304, 404), full.text
+
+
+async def test_an_expired_token_is_left_to_the_full_route(api: Api) -> None:
+    before = answered(api)
+    api.clock.advance(3600)
+    reply = await api.call("GET", TOKEN_PATH)
+    assert answered(api) == before
+    assert reply.status == 503
+
+
+async def test_a_request_with_a_body_is_left_to_the_full_route(api: Api) -> None:
+    before = answered(api)
+    reply = await api.call("GET", TOKEN_PATH, data=b"{}")
+    assert answered(api) == before
+    assert reply.status == 200
+
+
+async def test_a_percent_encoded_name_is_left_to_the_router(api: Api) -> None:
+    before = answered(api)
+    url = URL(f"http://broker/v1/tokens/{PROVIDER}/%61lice", encoded=True)
+    async with api.session.get(url) as response:
+        body = await response.json()
+    assert answered(api) == before
+    assert response.status == 200
+    assert body["user"] == USER
