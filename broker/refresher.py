@@ -325,40 +325,85 @@ class Refresher:
         config, client = self._providers.get(provider), self._clients.get(provider)
         if config is None or client is None or self._stopping:
             return  # an unconfigured provider's grants wait for a reload that adds it back
+        # Each grant's refresh is this process's one refresh of it from now on (a caller asking
+        # meanwhile shares it), although the claim is made for the whole batch below.
+        loop = asyncio.get_running_loop()
+        claims: dict[str, asyncio.Future[Attempt | None]] = {}
+        versions: dict[str, int] = {}
+        for grant, version in grants:
+            if grant.id in self._inflight:
+                continue
+            claims[grant.id] = loop.create_future()
+            versions[grant.id] = version
+            self._track(grant, self._batched(grant.id, claims[grant.id]))
+        try:
+            await self._claim_ids(config, client, claims, versions, now=now)
+        finally:
+            for claim in claims.values():
+                if not claim.done():
+                    claim.set_result(None)
+
+    async def _claim_ids(
+        self,
+        config: ProviderConfig,
+        client: TokenClient,
+        claims: dict[str, asyncio.Future[Attempt | None]],
+        versions: dict[str, int],
+        *,
+        now: datetime,
+    ) -> None:
+        """Claim the grants of `claims` in one write, and hand each its attempt (or None)."""
+        if not claims:
+            return
+        provider = config.name
         try:
             await client.prepare()
         except IdpError as exc:
             self._provider_unreachable(provider, exc)
-            for grant, version in grants:
-                self._agenda.put(grant.id, now + RECHECK, version)
+            for grant_id, version in versions.items():
+                self._agenda.put(grant_id, now + RECHECK, version)
             return
         taken_at = time.monotonic()
-        batch = await self._repository.claim_ids(
-            provider,
-            self.owner,
-            self._clock(),
-            LEASE,
-            capacity=self._max_concurrency,
-            ids=[grant.id for grant, _ in grants],
-        )
+        try:
+            batch = await self._repository.claim_ids(
+                provider,
+                self.owner,
+                self._clock(),
+                LEASE,
+                capacity=self._max_concurrency,
+                ids=list(claims),
+            )
+        except StoreError:
+            for grant_id, version in versions.items():  # still due: try again in a while
+                self._agenda.put(grant_id, now + RECHECK, version)
+            raise
         claimed = {claim.grant.id for claim in batch.claims if claim.grant is not None}
-        for grant, version in grants:
-            if grant.id in claimed:
+        for grant_id, version in versions.items():
+            if grant_id in claimed:
                 continue
             # Not tried (no room): as soon as room frees (a refresh ending wakes the loop).
             # Tried but not claimed: held by another broker, or not due by the store; look
             # again after a while, or when the grant is published anew.
-            again = now + RECHECK if grant.id in batch.tried else now
-            self._agenda.put(grant.id, again, version)
+            again = now + RECHECK if grant_id in batch.tried else now
+            self._agenda.put(grant_id, again, version)
         for claim in batch.claims:
             assert claim.grant is not None
             self._took_over(claim)
             lease = Lease(
                 self._repository, claim.grant, self.owner, LEASE, self._clock, taken_at=taken_at
             )
-            attempt = Attempt(claim.grant, config, client, lease, claim.recovering)
-            self._track(claim.grant, self._run_claimed(attempt))
-        self._starved = len(batch.tried) < len(grants)
+            claims[claim.grant.id].set_result(
+                Attempt(claim.grant, config, client, lease, claim.recovering)
+            )
+        self._starved = len(batch.tried) < len(claims)
+
+    async def _batched(self, grant_id: str, claim: asyncio.Future[Attempt | None]) -> Grant | None:
+        """One grant's refresh of a batch: its rotation once the batch claimed it; the grant as
+        cached when it was not claimed."""
+        attempt = await claim
+        if attempt is None:
+            return self._cache.by_id(grant_id)
+        return await self._run_claimed(attempt)
 
     async def _sleep_for(self, now: datetime) -> float:
         """Until the next grant comes due, at most POLL; a refresh ending (here or, through the

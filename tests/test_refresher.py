@@ -27,7 +27,7 @@ from broker.schedule import ROTATION_LOST, RefreshPolicy, backoff
 from broker.store.engine import create_engine
 from broker.store.nodes import NodeInfo
 from broker.store.repository import DueGrant, GrantRepository
-from broker.store.rotations import Claim, ClaimOutcome
+from broker.store.rotations import Claim, ClaimBatch, ClaimOutcome
 from broker.tasks import Tasks
 from tests.model_idp import (
     ACCESS_LIFETIME,
@@ -833,6 +833,57 @@ async def test_the_schedule_loop_refreshes_a_grant_when_it_comes_due(
         await b.refresher.stop()
     assert results(idp) == ["rotated"]
     assert idp.violations == []
+
+
+class SlowClaims(GrantRepository):
+    """The real repository, with batch claims that wait until the test lets them through (a
+    store slow to answer)."""
+
+    def __init__(self, engine: AsyncEngine, keyring: Keyring) -> None:
+        super().__init__(engine, keyring)
+        self.entered = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def claim_ids(self, *args: Any, **kwargs: Any) -> ClaimBatch:
+        """Claim once the test says so."""
+        self.entered.set()
+        await self.proceed.wait()
+        return await super().claim_ids(*args, **kwargs)
+
+
+async def test_a_caller_asking_while_the_schedule_claims_shares_the_schedules_refresh(
+    engine: AsyncEngine, keyring: Keyring, idp: ModelIdp, clock: HandClock
+) -> None:
+    """A caller needing the grant while the schedule loop's batch claim is on its way to the
+    store joins that refresh: the grant is claimed and sent once, never twice by one
+    process (1)."""
+    repo = SlowClaims(engine, keyring)
+    b = broker(repo, idp, clock)
+    grant = await b.login(idp, "alice", clock())
+    clock.advance(DUE)
+    idp.gate = asyncio.Event()  # calls wait at the provider until the test opens it
+    b.refresher.start()
+    try:
+        await asyncio.wait_for(repo.entered.wait(), 5)
+        caller = b.refresher.refresh(b.cached("alice"))
+        await asyncio.sleep(0.05)  # time for a claim of the caller's own to reach the store
+        repo.proceed.set()
+        await until(lambda: idp.in_flight >= 1)
+        await asyncio.sleep(0.05)  # time for a second call to reach the provider
+        assert idp.in_flight == 1
+        idp.gate.set()
+        refreshed = await asyncio.wait_for(caller, 5)
+        assert refreshed is not None
+        assert refreshed.generation == grant.generation + 1
+        await asyncio.sleep(0.1)
+    finally:
+        await b.refresher.stop()
+    assert results(idp) == ["rotated"]
+    assert idp.violations == []
+    assert (await b.stored("alice")).generation == grant.generation + 1
+    # No second attempt took the first one's intent for an interrupted refresh.
+    assert b.count("rotation_recoveries", "lost") == 0
+    assert b.count("rotation_recoveries", "recovered") == 0
 
 
 async def test_the_schedule_loop_drains_a_backlog_at_max_concurrency(
