@@ -41,6 +41,7 @@ POLL = 1.0
 SAFETY_POLL = 5.0
 FAST_POLL = 0.05
 ECHO_WAIT = 0.1  # at most this long for a claim's notice to come back before sending
+SYNC_PAGE = 2000  # rows read (and opened) at once when catching up with the store
 log = structlog.get_logger("broker.follower")
 
 
@@ -100,8 +101,15 @@ class Follower:
     # -- following --------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Publish what anyone wrote or deleted since the last version seen."""
-        changes = await self._repository.changes_since(self.seen_version)
+        """Publish what anyone wrote or deleted since the last version seen, a page at a
+        time (a first load of many grants never holds all their rows at once)."""
+        while await self._sync_page():
+            pass
+        self.loaded = True
+
+    async def _sync_page(self) -> bool:
+        """Publish one page of changes; whether more follow."""
+        changes = await self._repository.changes_since(self.seen_version, SYNC_PAGE)
         now = self._clock()
         for grant in changes.written:
             if self._cache.put(grant) and self.loaded and grant.updated_at is not None:
@@ -114,7 +122,7 @@ class Follower:
                 self._cache.drop(gone.provider, gone.user)
             self._notices.pop(gone.grant_id, None)
         self.seen_version = max(self.seen_version, changes.version)
-        self.loaded = True
+        return changes.more
 
     async def sync_now(self) -> None:
         """One `sync` shared by everyone asking at once; a store that cannot answer is not an

@@ -117,6 +117,37 @@ async def test_a_deletion_made_elsewhere_drops_the_grant(
     assert cache.get("p", "alice") is None
 
 
+async def test_changes_are_read_in_pages_each_with_the_deletions_it_reaches(
+    engines: tuple[AsyncEngine, AsyncEngine], keyring: Keyring
+) -> None:
+    """A page holds at most `limit` writes, the deletions up to its last version and no
+    later, and says whether more follow; read page after page, nothing is missed."""
+    here, there = GrantRepository(engines[0], keyring), GrantRepository(engines[1], keyring)
+    users = [f"u{i}" for i in range(5)]
+    stored = [await there.insert(new_grant(user), NOW) for user in users]
+    assert await there.delete(stored[1].id, NOW)  # a deletion after every insert
+    recreated = await there.insert(new_grant(users[1]), NOW)
+    first = await here.changes_since(0, 2)
+    assert [g.user for g in first.written] == ["u0", "u2"]  # u1's first row is gone
+    assert first.more
+    assert first.deleted == []  # its deletion comes after this page's last version
+    seen = first.version
+    pages = [first]
+    while pages[-1].more:
+        pages.append(await here.changes_since(seen, 2))
+        seen = pages[-1].version
+    assert [g.user for page in pages for g in page.written] == ["u0", "u2", "u3", "u4", "u1"]
+    assert [d.grant_id for page in pages for d in page.deleted] == [stored[1].id]
+    assert seen == recreated.version
+    cache = GrantCache()
+    follower = Follower(here, cache, Metrics(["p"]), lambda: datetime.now(UTC))
+    await follower.sync()
+    assert {g.user: g.id for g in cache} == {
+        **{g.user: g.id for g in stored if g.user != "u1"},
+        "u1": recreated.id,
+    }
+
+
 async def test_waiting_for_a_change_follows_the_store_closely(
     engines: tuple[AsyncEngine, AsyncEngine], keyring: Keyring
 ) -> None:

@@ -54,6 +54,7 @@ class Changes:
     written: list[Grant]
     deleted: list[Deletion]
     version: int
+    more: bool = False  # a page: more changes follow `version`
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,25 +285,26 @@ class GrantRepository(RotationWrites):
             value: datetime | None = (await conn.execute(query)).scalar_one()
         return UTCDateTime().process_result_value(value, self._db.engine.dialect)
 
-    async def changes_since(self, version: int) -> Changes:
-        """Writes and deletions with a version above `version` (by anyone), in version order."""
+    async def changes_since(self, version: int, limit: int | None = None) -> Changes:
+        """Writes and deletions with a version above `version` (by anyone), in version order.
+
+        With `limit`, at most that many writes: the first page of them, with the deletions up
+        to the last version it reaches; `Changes.more` says whether to ask again from there.
+        """
+        query = select(grants).where(grants.c.version > version).order_by(grants.c.version)
+        if limit is not None:
+            query = query.limit(limit)
         async with self._db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(grants).where(grants.c.version > version).order_by(grants.c.version)
-                )
-            ).all()
-            gone = (
-                await conn.execute(
-                    select(grant_deletions)
-                    .where(grant_deletions.c.version > version)
-                    .order_by(grant_deletions.c.version)
-                )
-            ).all()
+            rows = (await conn.execute(query)).all()
+            more = limit is not None and len(rows) == limit
+            gone_query = select(grant_deletions).where(grant_deletions.c.version > version)
+            if more:
+                gone_query = gone_query.where(grant_deletions.c.version <= rows[-1].version)
+            gone = (await conn.execute(gone_query.order_by(grant_deletions.c.version))).all()
         written = [self._rows.open(row) for row in rows]
         deleted = [Deletion(row.grant_id, row.provider, row.user_name, row.version) for row in gone]
         last = max([version, *(g.version for g in written), *(d.version for d in deleted)])
-        return Changes(written, deleted, last)
+        return Changes(written, deleted, last, more)
 
     async def last_version(self) -> int:
         """The change sequence's current value: everything up to it is committed."""
