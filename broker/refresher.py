@@ -83,6 +83,9 @@ EXCLUSIVE_POLL_SECONDS = 0.2
 CLAIM_SPREAD_SECONDS = 0.05  # in a fleet, a random pause before claiming spreads the work
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 64
+# While the store is unreachable the schedule loop says so on its first failure and then on
+# every this many (one a second).
+STORE_ERROR_LOG_EVERY = 30
 log = structlog.get_logger("broker.refresher")
 
 
@@ -261,6 +264,7 @@ class Refresher:
     async def run(self) -> None:
         """Refresh grants as they come due, until cancelled."""
         follow = self._tasks.spawn(self.follower.run(self._wake.set), "follow the store")
+        failures = 0  # store errors in a row
         try:
             while True:
                 self.heartbeat = time.monotonic()
@@ -269,11 +273,22 @@ class Refresher:
                     await self._start_due(now)
                     delay = await self._sleep_for(now)
                 except StoreError as exc:
-                    log.warning("refresh_loop_store_unavailable", reason=str(exc))
-                    delay = POLL.total_seconds()
+                    failures += 1
+                    if failures % STORE_ERROR_LOG_EVERY == 1:  # the first, then now and then
+                        log.warning(
+                            "refresh_loop_store_unavailable", reason=str(exc), in_a_row=failures
+                        )
+                    # The store is down: try again after POLL, whatever wakes the loop.
+                    self._wake.clear()
+                    await asyncio.sleep(POLL.total_seconds())
+                    continue
                 except Exception:  # the loop must outlive a bad moment of the store
                     log.exception("refresh_loop_error")
                     delay = POLL.total_seconds()
+                else:
+                    if failures:
+                        log.info("refresh_loop_store_available", after_failures=failures)
+                    failures = 0
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
