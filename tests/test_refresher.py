@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
-from broker.errors import ReauthRequired, TokenUnavailable
+from broker.errors import ReauthRequired, StoreUnavailable, TokenUnavailable
 from broker.grants import Import
 from broker.model import Grant, GrantState, GrantSummary, Secret, TokenSet
 from broker.refresher import LEASE
@@ -884,6 +884,52 @@ async def test_a_caller_asking_while_the_schedule_claims_shares_the_schedules_re
     # No second attempt took the first one's intent for an interrupted refresh.
     assert b.count("rotation_recoveries", "lost") == 0
     assert b.count("rotation_recoveries", "recovered") == 0
+
+
+class DownForClaims(GrantRepository):
+    """The real repository, whose batch claims fail as a stopped database makes them."""
+
+    def __init__(self, engine: AsyncEngine, keyring: Keyring) -> None:
+        super().__init__(engine, keyring)
+        self.down = True
+        self.attempts = 0
+
+    async def claim_ids(self, *args: Any, **kwargs: Any) -> ClaimBatch:
+        """Fail while down."""
+        self.attempts += 1
+        if self.down:
+            raise StoreUnavailable("the database cannot be reached: ConnectionRefusedError")
+        return await super().claim_ids(*args, **kwargs)
+
+
+async def test_while_the_store_is_down_the_loop_retries_once_a_second_and_then_refreshes(
+    engine: AsyncEngine, keyring: Keyring, idp: ModelIdp, clock: HandClock
+) -> None:
+    """Due grants whose claim the store refuses stay due: the loop tries again about once a
+    second however often it is woken, and refreshes them once the store answers (6, 7)."""
+    repo = DownForClaims(engine, keyring)
+    b = broker(repo, idp, clock)
+    grants = [await b.login(idp, f"user{i}", clock()) for i in range(3)]
+    clock.advance(DUE)
+    b.refresher.start()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.2:
+            clock.advance(0.1)  # the broker's time runs ten times as fast: rechecks come due
+            b.refresher.poke()  # callers and finished tasks wake the loop all the time
+            await asyncio.sleep(0.01)
+        assert 1 <= repo.attempts <= 4
+        repo.down = False
+        clock.advance(2)  # past the recheck the failed claims were put back for
+        b.refresher.poke()
+
+        async def all_refreshed() -> bool:
+            return all(g.generation == grants[0].generation + 1 for g in await repo.all())
+
+        await until(all_refreshed)
+    finally:
+        await b.refresher.stop()
+    assert idp.violations == []
 
 
 async def test_the_schedule_loop_drains_a_backlog_at_max_concurrency(
