@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -62,6 +63,7 @@ from broker.systemd import Notifier, activated_sockets, keepalive
 from broker.tasks import Tasks
 
 READY_CHECK_TIMEOUT = 2.0
+STOP_REPORT_SECONDS = 5.0
 DB_WAIT_BASE = 1.0  # seconds between attempts to reach the database at start, doubling
 DB_WAIT_CAP = 30.0
 API_FD_NAME = "api"  # FileDescriptorName= of the API socket in token-broker.socket
@@ -237,12 +239,28 @@ class Daemon:
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
+        watch = Tasks()
+        watch.spawn(self._report_slow_stop(), "report a slow stop")
         try:
             await self._run()
         finally:
             for signum in handlers:
                 loop.remove_signal_handler(signum)
+            await watch.cancel_all()
         log.info("stopped")
+
+    async def _report_slow_stop(self) -> None:
+        """Once stopping has taken STOP_REPORT_SECONDS, say every so often what it waits for."""
+        await self.stopping.wait()
+        me = asyncio.current_task()
+        while True:
+            await asyncio.sleep(STOP_REPORT_SECONDS)
+            waiting = sorted(
+                _awaiting(task)
+                for task in asyncio.all_tasks()
+                if task is not me and not task.done()
+            )
+            log.warning("still_stopping", tasks=len(waiting), waiting_for=waiting[:20])
 
     async def _run(self) -> None:
         async with self.store() as store, contextlib.AsyncExitStack() as stack:
@@ -560,3 +578,16 @@ async def serve(
     """Run the daemon for `config` until it is told to stop."""
     daemon = Daemon(config, os.environ if environ is None else environ, steady_clock(), config_path)
     await daemon.run()
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """A task's name and the innermost coroutines it is suspended in (names only)."""
+    chain: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(chain) < 32:
+        name = getattr(coro, "__qualname__", None)
+        if name is None:
+            break
+        chain.append(name)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f"{task.get_name()}: {' > '.join(chain[-3:])}"

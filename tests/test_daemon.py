@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -23,8 +24,10 @@ from sqlalchemy import text
 
 import broker
 from broker.crypto import Keyring, write_keyring
+from broker.daemon import _awaiting
 from broker.store.engine import create_engine
 from broker.store.migrate import current_revision, head_revision, upgrade
+from broker.tasks import Tasks
 from tests.daemon import (
     Home,
     clean_env,
@@ -376,3 +379,24 @@ def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
         # An admin read of the re-sealed grant fails; the log says why, as the answer promises.
         assert request(home.socket, "GET", "/v1/grants/techniek/alice").status == 500
         assert '"event": "request_failed"' in daemon.log()
+
+
+async def test_a_slow_stop_names_what_it_waits_for() -> None:
+    """The `still_stopping` report names each task and the coroutines it is suspended in."""
+
+    async def inner() -> None:
+        await asyncio.sleep(10)
+
+    async def outer() -> None:
+        await inner()
+
+    tasks = Tasks()
+    task = tasks.spawn(outer(), "refresh techniek/alice")
+    await asyncio.sleep(0)
+    try:
+        described = _awaiting(task)
+    finally:
+        await tasks.cancel_all()
+    assert described.startswith("refresh techniek/alice: ")
+    assert "outer" in described
+    assert "inner" in described

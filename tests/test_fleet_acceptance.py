@@ -37,6 +37,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ class Traffic:
     by_node: Counter[str] = field(default_factory=Counter)
     served: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> (user, sent)
     rejected: list[tuple[str, str, float, float]] = field(default_factory=list)
+    served_by: dict[str, str] = field(default_factory=dict)  # token -> node
     # (user, token, request sent, check done)
 
 
@@ -168,7 +170,7 @@ class FleetRun:
             traffic.statuses[reply.status] += 1
             if reply.status == 200:
                 traffic.by_node[name] += 1
-                await self._check(user, reply.json()["access_token"], sent, traffic)
+                await self._check(name, user, reply.json()["access_token"], sent, traffic)
             await asyncio.sleep(CLIENT_PAUSE)
 
     # -- faults -------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ class FleetRun:
                         self.outage_refused[name].append((user, reply.status))
                         continue
                     self.outage_serves[name] += 1
-                    await self._check(user, reply.json()["access_token"], sent, traffic)
+                    await self._check(name, user, reply.json()["access_token"], sent, traffic)
             await asyncio.sleep(max(0.0, min(seconds, 12) - (time.monotonic() - probed_at)))
             for name, broker in self.nodes.items():
                 ready = await asyncio.to_thread(request, broker.socket, "GET", "/readyz")
@@ -258,10 +260,11 @@ class FleetRun:
         reply = await broker.token(user)
         return float(reply.json()["expires_in"]) if reply.status == 200 else None
 
-    async def _check(self, user: str, token: str, sent: float, traffic: Traffic) -> None:
+    async def _check(self, node: str, user: str, token: str, sent: float, traffic: Traffic) -> None:
         """Send a newly served token to the IdP's userinfo; record a rejection."""
         if token not in traffic.served:
             traffic.served[token] = (user, sent)
+            traffic.served_by[token] = node
             if await self.userinfo.status(token) != 200:
                 traffic.rejected.append((user, token, sent, time.time()))
 
@@ -332,16 +335,29 @@ def _quantile(buckets: dict[float, float], count: float, q: float) -> float:
     return float("inf")
 
 
-def unexcused(traffic: Traffic, calls: Sequence[RefreshCall]) -> list[tuple[str, float]]:
-    """Rejected tokens that no refresh begun after their request explains."""
+def unexcused(traffic: Traffic, calls: Sequence[RefreshCall]) -> list[str]:
+    """Rejected tokens that no refresh begun after their request explains, each described:
+    who served it, when it was asked for, and the grant's last refresh call before that."""
     by_user: dict[str, list[RefreshCall]] = defaultdict(list)
     for call in calls:
         by_user[call.user].append(call)
-    return [
-        (user, sent)
-        for user, _token, sent, done in traffic.rejected
-        if not any(sent < call.start <= done for call in by_user[user])
-    ]
+    wrong = []
+    for user, token, sent, done in traffic.rejected:
+        if any(sent < call.start <= done for call in by_user[user]):
+            continue
+        before = [call for call in by_user[user] if call.start <= sent]
+        last = max(before, key=lambda call: call.start) if before else None
+        wrong.append(
+            f"{user} served by {traffic.served_by.get(token)} for a request at "
+            f"{datetime.fromtimestamp(sent, UTC):%H:%M:%S.%f}; last refresh before it: "
+            + (
+                "none"
+                if last is None
+                else f"{datetime.fromtimestamp(last.start, UTC):%H:%M:%S.%f} to "
+                f"{datetime.fromtimestamp(last.end, UTC):%H:%M:%S.%f}, {last.outcome}"
+            )
+        )
+    return wrong
 
 
 @contextlib.asynccontextmanager
@@ -393,7 +409,7 @@ def check_common(run: FleetRun, traffic: Traffic, stats: dict[str, Any]) -> dict
     }
     assert numbers["reuse_detections"] == 0, numbers
     assert traffic.statuses[500] == 0, numbers
-    assert wrong == [], numbers
+    assert wrong == [], (numbers, wrong)
     return numbers
 
 
