@@ -19,8 +19,9 @@ every write) and count the live leases first.
 from __future__ import annotations
 
 import enum
+import functools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import ConflictError
 from broker.model import Grant, GrantState
+from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
 from broker.store.session import Database, take_versions
 from broker.store.tables import grants, nodes
@@ -60,6 +62,18 @@ class ClaimBatch:
 
     claims: list[Claim]
     tried: frozenset[str]
+
+
+# Refresh outcomes committed in one transaction at most (broker.store.group).
+COMMIT_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    grant: Grant
+    expected_generation: int
+    write_id: str
+    now: datetime
 
 
 def notice(grant_id: str, version: int, deleted: bool = False) -> str:
@@ -378,34 +392,65 @@ class RotationWrites:
 
         Fenced by the generation alone: new tokens from the provider are the truth about the
         grant, so they land even over a lease another owner took meanwhile, unless someone
-        stored a newer generation (then ConflictError).
+        stored a newer generation (then ConflictError). Refreshes ending together are
+        committed together (broker.store.group); this returns once this one's transaction has
+        committed.
         """
-        new = replace(grant, generation=expected_generation + 1, intent_at=None)
-        values = {**self._rows.plain(new), **self._rows.sealed(new)}
-        for fixed in ("id", "created_at", "version", "updated_at"):
-            values.pop(fixed)
+        return await self._commits.submit(_Commit(grant, expected_generation, write_id, now))
+
+    @functools.cached_property
+    def _commits(self) -> GroupCommit[_Commit, Grant]:
+        return GroupCommit(self._commit_many, limit=COMMIT_BATCH, name="commit refreshes")
+
+    async def _commit_many(self, commits: Sequence[_Commit]) -> list[Grant | Exception]:
+        # Sealed before the transaction: the change sequence's lock is held only for SQL.
+        prepared = []
+        for commit in commits:
+            new = replace(commit.grant, generation=commit.expected_generation + 1, intent_at=None)
+            values = {**self._rows.plain(new), **self._rows.sealed(new)}
+            for fixed in ("id", "created_at", "version", "updated_at"):
+                values.pop(fixed)
+            prepared.append((commit, new, values))
+        results: list[Grant | Exception] = []
+        notices = []
         async with self._db.write() as conn:
-            version = await take_versions(conn)
-            result = await conn.execute(
-                update(grants)
-                .where(grants.c.id == grant.id, grants.c.generation == expected_generation)
-                .values(
-                    **values,
-                    updated_at=self._db.now(now),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_write=write_id,
-                    version=version,
+            last = await take_versions(conn, len(prepared))
+            for version, (commit, new, values) in enumerate(
+                prepared, start=last - len(prepared) + 1
+            ):
+                result = await conn.execute(
+                    update(grants)
+                    .where(
+                        grants.c.id == commit.grant.id,
+                        grants.c.generation == commit.expected_generation,
+                    )
+                    .values(
+                        **values,
+                        updated_at=self._db.now(commit.now),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        last_write=commit.write_id,
+                        version=version,
+                    )
+                    .returning(grants.c.updated_at)
                 )
-                .returning(grants.c.updated_at)
-            )
-            stamp = result.first()
-            if stamp is None:
-                raise ConflictError(
-                    f"grant {grant.name} is no longer at generation {expected_generation}"
+                stamp = result.first()
+                if stamp is None:
+                    results.append(
+                        ConflictError(
+                            f"grant {commit.grant.name} is no longer at generation "
+                            f"{commit.expected_generation}"
+                        )
+                    )
+                    continue
+                notices.append(notice(commit.grant.id, version))
+                results.append(
+                    replace(
+                        new, key_id=values["key_id"], version=version, updated_at=stamp.updated_at
+                    )
                 )
-            await self._db.notify(conn, [notice(grant.id, version)])
-        return replace(new, key_id=values["key_id"], version=version, updated_at=stamp.updated_at)
+            await self._db.notify(conn, notices)
+        return results
 
     async def settle(
         self,

@@ -1,0 +1,150 @@
+"""Group commit (broker.store.group): writes queued during one transaction go in the next."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.crypto import Keyring
+from broker.errors import ConflictError, StoreUnavailable
+from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.store.group import GroupCommit
+from broker.store.repository import GrantRepository
+from broker.store.rotations import _Commit
+from broker.tasks import Tasks
+
+NOW = datetime.now(UTC)
+
+
+class Ledger:
+    """A flush that records its batches, answers per item, and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+
+    async def flush(self, items: Sequence[int]) -> list[str | Exception]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [ValueError(f"odd {i}") if i % 2 else f"stored {i}" for i in items]
+
+
+async def test_one_write_alone_goes_at_once() -> None:
+    ledger = Ledger()
+    group: GroupCommit[int, str] = GroupCommit(ledger.flush, limit=10, name="test")
+    assert await group.submit(2) == "stored 2"
+    assert ledger.batches == [[2]]
+
+
+async def test_writes_queued_during_a_commit_go_together_each_with_its_own_answer() -> None:
+    ledger = Ledger()
+    ledger.gate.clear()
+    group: GroupCommit[int, str] = GroupCommit(ledger.flush, limit=3, name="test")
+    tasks = Tasks()
+    first = tasks.spawn(group.submit(0), "write")
+    await asyncio.sleep(0)
+    queued = [tasks.spawn(group.submit(i), "write") for i in range(1, 6)]
+    await asyncio.sleep(0)
+    ledger.gate.set()
+    assert await first == "stored 0"
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert ledger.batches == [[0], [1, 2, 3], [4, 5]]  # at most `limit` in one transaction
+    assert [str(r) for r in results] == ["odd 1", "stored 2", "odd 3", "stored 4", "odd 5"]
+    assert isinstance(results[0], ValueError)
+
+
+async def test_a_failed_transaction_fails_each_of_its_writes_with_an_error_of_its_own() -> None:
+    ledger = Ledger()
+    ledger.gate.clear()
+    ledger.fail = StoreUnavailable("the database cannot be reached")
+    group: GroupCommit[int, str] = GroupCommit(ledger.flush, limit=10, name="test")
+    tasks = Tasks()
+    writes = [tasks.spawn(group.submit(i), "write") for i in (2, 4)]
+    await asyncio.sleep(0)
+    ledger.gate.set()
+    errors = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(isinstance(e, StoreUnavailable) for e in errors)
+    assert errors[0] is not errors[1]
+
+
+async def test_a_write_whose_submitter_gave_up_before_its_batch_is_dropped() -> None:
+    ledger = Ledger()
+    ledger.gate.clear()
+    group: GroupCommit[int, str] = GroupCommit(ledger.flush, limit=10, name="test")
+    tasks = Tasks()
+    first = tasks.spawn(group.submit(0), "write")
+    await asyncio.sleep(0)
+    abandoned = tasks.spawn(group.submit(2), "write")
+    kept = tasks.spawn(group.submit(4), "write")
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    ledger.gate.set()
+    assert await first == "stored 0"
+    assert await kept == "stored 4"
+    assert ledger.batches == [[0], [4]]
+
+
+def grant_for(user: str) -> Grant:
+    return Grant(
+        id="",
+        provider="p",
+        user=user,
+        state=GrantState.ACTIVE,
+        generation=0,
+        tokens=TokenSet(refresh_token=Secret(f"rt-{user}"), access_token=Secret(f"at-{user}")),
+        access_expires_at=NOW + timedelta(hours=1),
+        next_refresh_at=NOW + timedelta(minutes=45),
+    )
+
+
+class CountingRepository(GrantRepository):
+    """The real repository, counting the transactions that commit refreshes."""
+
+    transactions = 0
+
+    async def _commit_many(self, commits: Sequence[_Commit]) -> list[Grant | Exception]:
+        self.transactions += 1
+        return await super()._commit_many(commits)
+
+
+async def test_refreshes_ending_together_are_committed_in_few_transactions(
+    engine: AsyncEngine, keyring: Keyring
+) -> None:
+    """Fifty commits at once: each lands at generation + 1 with a version of its own, a stale
+    one is refused alone, and they take far fewer than fifty transactions."""
+    repo = CountingRepository(engine, keyring)
+    stored = [await repo.insert(grant_for(f"u{i}"), NOW) for i in range(50)]
+    renewed = [
+        replace(g, tokens=TokenSet(Secret(f"rt2-{i}"), Secret(f"at2-{i}")))
+        for i, g in enumerate(stored)
+    ]
+    stale = 1  # this one expects a generation the store no longer has
+    results = await asyncio.gather(
+        *(
+            repo.commit_refresh(g, g.generation + (i == stale), f"w{i}", NOW)
+            for i, g in enumerate(renewed)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(results[stale], ConflictError)
+    landed = [r for r in results if isinstance(r, Grant)]
+    assert len(landed) == 49
+    assert len({g.version for g in landed}) == 49
+    assert repo.transactions < 10
+    for grant in landed:
+        again = await repo.get("p", grant.user)
+        assert again is not None
+        assert again.generation == grant.generation
+        assert again.tokens.refresh_token == grant.tokens.refresh_token
+        assert again.version == grant.version
+    with pytest.raises(ConflictError):
+        await repo.commit_refresh(renewed[0], 0, "again", NOW)
