@@ -5,11 +5,14 @@ loss, and every write transaction starts with `BEGIN IMMEDIATE`, so two writers 
 a generation and then race to upgrade their locks (which SQLite answers with SQLITE_BUSY
 *without* waiting for busy_timeout).
 
-PostgreSQL connections are checked before each use (`pool_pre_ping`: a pooled connection that a
-server restart killed is replaced instead of failing the first write on it), and every statement
-has a server-side `statement_timeout` and `lock_timeout` well under a refresh's lease, plus a
-client-side command timeout, so a partition or a stuck lock can never hold a write past the
-lease it was made under. `sslmode` in the URL is passed to asyncpg, which reads it as libpq does.
+PostgreSQL connections are not pinged before each use (a round trip per transaction): a pooled
+connection that a server restart killed fails its first statement, which the caller sees as
+StoreUnavailable and retries like any other store failure, and SQLAlchemy then replaces every
+connection of the pool made before the failure, so one operation pays for a restart, not one per
+connection. Every statement has a server-side `statement_timeout` and `lock_timeout` well
+under a refresh's lease, plus a client-side command timeout, so a partition or a stuck lock can
+never hold a write past the lease it was made under. `sslmode` in the URL is passed to
+asyncpg, which reads it as libpq does.
 """
 
 from __future__ import annotations
@@ -69,7 +72,6 @@ def create_engine(
     target, connect_args = _postgresql(target, password_file)
     return create_async_engine(
         target,
-        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=STATEMENT_TIMEOUT,

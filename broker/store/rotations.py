@@ -275,22 +275,44 @@ class RotationWrites:
             )
             rows = (await conn.execute(query)).all()
             tried = frozenset(order if order is not None else (row.id for row in rows))
-            claims = []
-            for row in rows:
-                grant = self._rows.open(row)
-                claimed = await self._take(conn, grant, owner, now, lease)
-                took_over = row.lease_owner if row.lease_owner not in (None, owner) else None
-                recovering = row.intent_at is not None
-                claims.append(Claim(ClaimOutcome.CLAIMED, claimed, took_over, recovering))
+            taken = (
+                await self._take_many(
+                    conn, [self._rows.open(row) for row in rows], owner, now, lease
+                )
+                if rows
+                else []
+            )
+            claims = [
+                Claim(
+                    ClaimOutcome.CLAIMED,
+                    claimed,
+                    row.lease_owner if row.lease_owner not in (None, owner) else None,
+                    row.intent_at is not None,
+                )
+                for row, claimed in zip(rows, taken, strict=True)
+            ]
         return ClaimBatch(claims, tried)
 
     async def _take(
         self, conn: AsyncConnection, grant: Grant, owner: str, now: datetime, lease: timedelta
     ) -> Grant:
-        version = await take_versions(conn)
+        return (await self._take_many(conn, [grant], owner, now, lease))[0]
+
+    async def _take_many(
+        self,
+        conn: AsyncConnection,
+        claimed: list[Grant],
+        owner: str,
+        now: datetime,
+        lease: timedelta,
+    ) -> list[Grant]:
+        """Take the lease on each of `claimed` and record its intent: one statement for all,
+        each row at a version of its own."""
+        first = await take_versions(conn, len(claimed)) - len(claimed) + 1
+        versions = {grant.id: first + i for i, grant in enumerate(claimed)}
         result = await conn.execute(
             update(grants)
-            .where(grants.c.id == grant.id)
+            .where(grants.c.id.in_(list(versions)))
             .values(
                 lease_owner=owner,
                 lease_expires_at=self._db.shifted(now, lease),
@@ -301,15 +323,21 @@ class RotationWrites:
                     else_=self._db.now(now),
                 ),
                 updated_at=self._db.now(now),
-                version=version,
+                version=case(versions, value=grants.c.id),
             )
-            .returning(grants.c.intent_at, grants.c.updated_at)
+            .returning(grants.c.id, grants.c.intent_at, grants.c.updated_at)
         )
-        stamps = result.one()
-        await self._db.notify(conn, [notice(grant.id, version)])
-        return replace(
-            grant, intent_at=stamps.intent_at, updated_at=stamps.updated_at, version=version
-        )
+        stamps = {row.id: row for row in result}
+        await self._db.notify(conn, [notice(grant_id, v) for grant_id, v in versions.items()])
+        return [
+            replace(
+                grant,
+                intent_at=stamps[grant.id].intent_at,
+                updated_at=stamps[grant.id].updated_at,
+                version=versions[grant.id],
+            )
+            for grant in claimed
+        ]
 
     async def take_lease(self, grant_id: str, owner: str, now: datetime, lease: timedelta) -> bool:
         """Take the lease on a grant without any intent (to change it outside a refresh, such

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Interval, func, literal, select, update
+from sqlalchemy import ColumnElement, Interval, func, literal, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -24,6 +24,8 @@ from broker.store.tables import UTCDateTime, grant_changes
 
 # The PostgreSQL channel every grant change is announced on; payload "GRANT_ID VERSION".
 CHANNEL = "token_broker_grants"
+
+_NOTIFY_ALL = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 
 # The driver's own words are kept only for errors about the connection or a lock, which name
 # no values ("database is locked", "connection was closed in the middle of operation").
@@ -43,6 +45,11 @@ class Database:
         self.engine = engine
         self._writer = writer(engine)
         self.server_clock = engine.dialect.name == "postgresql"
+        # Reads on PostgreSQL need no transaction of their own (each statement sees committed
+        # data, as it would inside READ COMMITTED): no BEGIN and ROLLBACK round trips.
+        self._reader = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self.server_clock else engine
+        )
 
     @property
     def dialect(self) -> str:
@@ -69,13 +76,14 @@ class Database:
         """
         if not self.server_clock:
             return
-        for payload in payloads:
-            await conn.execute(select(func.pg_notify(CHANNEL, payload)))
+        batch = list(payloads)
+        if batch:  # one statement for them all
+            await conn.execute(_NOTIFY_ALL, {"channel": CHANNEL, "payloads": batch})
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads."""
-        async with translated(), self.engine.connect() as conn:
+        async with translated(), self._reader.connect() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
