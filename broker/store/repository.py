@@ -22,7 +22,7 @@ from broker.model import Grant, GrantState
 from broker.store.rotations import RotationWrites, notice
 from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer
-from broker.store.session import Database, take_versions
+from broker.store.session import Database, stamp_versions, take_versions
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
 _IN_BATCH = 500  # values in one SQL IN (...), well under every backend's parameter limit
@@ -147,16 +147,17 @@ class GrantRepository(RotationWrites):
         """Store a new grant at generation 1; the row id is chosen here."""
         grant = replace(grant, id=uuid.uuid4().hex, generation=1, created_at=now, updated_at=now)
         values = {**self._rows.plain(grant), **self._rows.sealed(grant)}
+        values.pop("version")
         try:
             async with self._db.write() as conn:
-                values["version"] = await take_versions(conn)
                 await conn.execute(insert(grants).values(**values))
-                await self._db.notify(conn, [notice(grant.id, values["version"])])
+                version = (await stamp_versions(conn, [grant.id]))[grant.id]
+                await self._db.notify(conn, [notice(grant.id, version)])
         except IntegrityError:
             raise ConflictError(
                 f"grant {grant.name} was created by someone else meanwhile"
             ) from None
-        return replace(grant, key_id=values["key_id"], version=values["version"])
+        return replace(grant, key_id=values["key_id"], version=version)
 
     async def store_many(
         self, new: list[Grant], replacing: list[tuple[Grant, int]], now: datetime
@@ -170,31 +171,21 @@ class GrantRepository(RotationWrites):
         stored: list[Grant] = []
         try:
             async with self._db.write() as conn:
-                last = (
-                    await take_versions(conn, len(new) + len(replacing)) if new or replacing else 0
-                )
-                version = last - len(new) - len(replacing)
                 rows = []
                 for grant in new:
-                    version += 1
                     made = replace(
-                        grant,
-                        id=uuid.uuid4().hex,
-                        generation=1,
-                        created_at=now,
-                        updated_at=now,
-                        version=version,
+                        grant, id=uuid.uuid4().hex, generation=1, created_at=now, updated_at=now
                     )
                     values = {**self._rows.plain(made), **self._rows.sealed(made)}
+                    values.pop("version")
                     rows.append(values)
                     stored.append(replace(made, key_id=values["key_id"]))
                 if rows:
                     await conn.execute(insert(grants), rows)
                 for grant, expected in replacing:
-                    version += 1
-                    made = replace(grant, generation=expected + 1, updated_at=now, version=version)
+                    made = replace(grant, generation=expected + 1, updated_at=now)
                     values = {**self._rows.plain(made), **self._rows.sealed(made)}
-                    for fixed in ("id", "created_at"):
+                    for fixed in ("id", "created_at", "version"):
                         values.pop(fixed)
                     result = await conn.execute(
                         update(grants)
@@ -204,6 +195,8 @@ class GrantRepository(RotationWrites):
                     if result.rowcount != 1:
                         raise ConflictError(f"grant {grant.name} changed meanwhile")
                     stored.append(replace(made, key_id=values["key_id"]))
+                versions = await stamp_versions(conn, [g.id for g in stored])
+                stored = [replace(g, version=versions[g.id]) for g in stored]
                 await self._db.notify(conn, [notice(g.id, g.version) for g in stored])
         except IntegrityError:
             raise ConflictError("a grant of this import was created by someone else") from None
@@ -213,10 +206,9 @@ class GrantRepository(RotationWrites):
         """Write `grant` over its row if the row is still at `expected_generation`."""
         new = replace(grant, generation=expected_generation + 1, updated_at=now)
         values = {**self._rows.plain(new), **self._rows.sealed(new)}
-        for fixed in ("id", "created_at"):
+        for fixed in ("id", "created_at", "version"):
             values.pop(fixed)
         async with self._db.write() as conn:
-            values["version"] = await take_versions(conn)
             result = await conn.execute(
                 update(grants)
                 .where(grants.c.id == grant.id, grants.c.generation == expected_generation)
@@ -227,8 +219,9 @@ class GrantRepository(RotationWrites):
                     f"grant {grant.name} changed under us "
                     f"(expected generation {expected_generation})"
                 )
-            await self._db.notify(conn, [notice(grant.id, values["version"])])
-        return replace(new, key_id=values["key_id"], version=values["version"])
+            version = (await stamp_versions(conn, [grant.id]))[grant.id]
+            await self._db.notify(conn, [notice(grant.id, version)])
+        return replace(new, key_id=values["key_id"], version=version)
 
     async def delete(self, grant_id: str, now: datetime) -> bool:
         """Delete a grant row, recording the deletion in the change sequence; True if it existed."""
@@ -240,8 +233,8 @@ class GrantRepository(RotationWrites):
             ).first()
             if row is None:
                 return False
-            version = await take_versions(conn)
             await conn.execute(delete(grants).where(grants.c.id == grant_id))
+            version = await take_versions(conn)
             await conn.execute(
                 insert(grant_deletions).values(
                     version=version,

@@ -33,7 +33,7 @@ from broker.errors import ConflictError
 from broker.model import Grant, GrantState
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
-from broker.store.session import Database, take_versions
+from broker.store.session import Database, stamp_versions, take_versions
 from broker.store.tables import grants, nodes
 
 
@@ -431,7 +431,8 @@ class RotationWrites:
         return GroupCommit(self._commit_many, limit=COMMIT_BATCH, name="commit refreshes")
 
     async def _commit_many(self, commits: Sequence[_Commit]) -> list[Grant | Exception]:
-        # Sealed before the transaction: the change sequence's lock is held only for SQL.
+        # Sealed before the transaction, and versions taken last: the change sequence's lock
+        # is held only from its stamp to the commit.
         prepared = []
         for commit in commits:
             new = replace(commit.grant, generation=commit.expected_generation + 1, intent_at=None)
@@ -439,13 +440,9 @@ class RotationWrites:
             for fixed in ("id", "created_at", "version", "updated_at"):
                 values.pop(fixed)
             prepared.append((commit, new, values))
-        results: list[Grant | Exception] = []
-        notices = []
+        outcomes: list[Grant | Exception] = []
         async with self._db.write() as conn:
-            last = await take_versions(conn, len(prepared))
-            for version, (commit, new, values) in enumerate(
-                prepared, start=last - len(prepared) + 1
-            ):
+            for commit, new, values in prepared:
                 result = await conn.execute(
                     update(grants)
                     .where(
@@ -458,27 +455,23 @@ class RotationWrites:
                         lease_owner=None,
                         lease_expires_at=None,
                         last_write=commit.write_id,
-                        version=version,
                     )
                     .returning(grants.c.updated_at)
                 )
                 stamp = result.first()
                 if stamp is None:
-                    results.append(
+                    outcomes.append(
                         ConflictError(
                             f"grant {commit.grant.name} is no longer at generation "
                             f"{commit.expected_generation}"
                         )
                     )
                     continue
-                notices.append(notice(commit.grant.id, version))
-                results.append(
-                    replace(
-                        new, key_id=values["key_id"], version=version, updated_at=stamp.updated_at
-                    )
-                )
-            await self._db.notify(conn, notices)
-        return results
+                outcomes.append(replace(new, key_id=values["key_id"], updated_at=stamp.updated_at))
+            landed = [g for g in outcomes if isinstance(g, Grant)]
+            versions = await stamp_versions(conn, [g.id for g in landed])
+            await self._db.notify(conn, [notice(g.id, versions[g.id]) for g in landed])
+        return [replace(g, version=versions[g.id]) if isinstance(g, Grant) else g for g in outcomes]
 
     async def settle(
         self,
@@ -511,7 +504,6 @@ class RotationWrites:
             "last_write": write_id,
         }
         async with self._db.write() as conn:
-            version = await take_versions(conn)
             result = await conn.execute(
                 update(grants)
                 .where(
@@ -519,7 +511,7 @@ class RotationWrites:
                     grants.c.generation == grant.generation,
                     grants.c.lease_owner == owner,
                 )
-                .values(**changes, version=version)
+                .values(**changes)
                 .returning(grants.c.updated_at)
             )
             stamp = result.first()
@@ -528,6 +520,7 @@ class RotationWrites:
                     f"grant {grant.name} is no longer at generation {grant.generation} "
                     "under this lease"
                 )
+            version = (await stamp_versions(conn, [grant.id]))[grant.id]
             await self._db.notify(conn, [notice(grant.id, version)])
         return replace(
             grant,

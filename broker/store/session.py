@@ -10,17 +10,17 @@ Writes begin IMMEDIATE on SQLite (see broker.store.engine).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Interval, func, literal, text, update
+from sqlalchemy import ColumnElement, Interval, case, func, literal, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from broker.errors import StoreError, StoreUnavailable
 from broker.store.engine import writer
-from broker.store.tables import UTCDateTime, grant_changes
+from broker.store.tables import UTCDateTime, grant_changes, grants
 
 # The PostgreSQL channel every grant change is announced on; payload "GRANT_ID VERSION".
 CHANNEL = "token_broker_grants"
@@ -137,6 +137,9 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
 
     The counter row stays locked until the transaction ends, so values are handed out in
     commit order: a follower that has seen version v never later finds a new write below v.
+    Every writer takes it after its other writes, just before the commit, so the lock that
+    orders every write of every broker is held as briefly as can be (and, taken last by all,
+    never waited for while holding it in the other order).
     """
     result = await conn.execute(
         update(grant_changes)
@@ -145,3 +148,18 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
         .returning(grant_changes.c.seq)
     )
     return int(result.scalar_one())
+
+
+async def stamp_versions(conn: AsyncConnection, grant_ids: Sequence[str]) -> dict[str, int]:
+    """Give each of these rows, written earlier in this transaction, the next value of the
+    change sequence, in the order given (see `take_versions`); their versions."""
+    if not grant_ids:
+        return {}
+    first = await take_versions(conn, len(grant_ids)) - len(grant_ids) + 1
+    versions = {grant_id: first + i for i, grant_id in enumerate(grant_ids)}
+    await conn.execute(
+        update(grants)
+        .where(grants.c.id.in_(list(versions)))
+        .values(version=case(versions, value=grants.c.id))
+    )
+    return versions
