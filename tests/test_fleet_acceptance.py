@@ -118,7 +118,7 @@ class FleetRun:
         self.readyz_down: list[tuple[str, int, str]] = []
         self.outage_serves: Counter[str] = Counter()
         self.outage_probed: Counter[str] = Counter()
-        self.outage_refused: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        self.outage_refused: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
 
     def env(self, name: str) -> dict[str, str]:
         """The environment a node runs with: node "c" under a clock SKEW seconds ahead."""
@@ -240,7 +240,8 @@ class FleetRun:
                 self.outage_probed[name] = len(alive)
                 for user, (sent, reply) in zip(alive, replies, strict=True):
                     if reply.status != 200:
-                        self.outage_refused[name].append((user, reply.status))
+                        detail = str(reply.json().get("detail", ""))[:120]
+                        self.outage_refused[name].append((user, reply.status, detail))
                         continue
                     self.outage_serves[name] += 1
                     await self._check(name, user, reply.json(), sent, traffic)
