@@ -9,9 +9,12 @@ Writes begin IMMEDIATE on SQLite (see broker.store.engine).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, Interval, case, func, literal, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -50,6 +53,11 @@ class Database:
         self._reader = (
             engine.execution_options(isolation_level="AUTOCOMMIT") if self.server_clock else engine
         )
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # SQLite's busy handler (for up to 100 ms at a go) before it looks again. This
+        # process's own write transactions queue here instead, and each starts the moment the
+        # previous one commits; only other processes' writes are waited for by busy_timeout.
+        self._one_writer = None if self.server_clock else _one_writer(engine)
 
     @property
     def dialect(self) -> str:
@@ -89,8 +97,24 @@ class Database:
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction, committed when the block ends without an error."""
-        async with translated(), self._writer.begin() as conn:
-            yield conn
+        async with contextlib.AsyncExitStack() as stack:
+            if self._one_writer is not None:
+                await stack.enter_async_context(self._one_writer)
+            async with translated(), self._writer.begin() as conn:
+                yield conn
+
+
+_WRITERS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _one_writer(engine: AsyncEngine) -> asyncio.Lock:
+    """The lock this process's SQLite write transactions on `engine` queue on (one per
+    database, shared by every repository on it)."""
+    key = engine.sync_engine
+    lock = _WRITERS.get(key)
+    if lock is None:
+        lock = _WRITERS[key] = asyncio.Lock()
+    return lock
 
 
 @contextlib.asynccontextmanager
