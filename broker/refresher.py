@@ -41,7 +41,7 @@ import contextlib
 import random
 import secrets
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -134,6 +134,7 @@ class Refresher:
         self._gates: dict[str, ProviderGate] = {}
         self._inflight: dict[str, asyncio.Task[Grant | None]] = {}
         self._sending: set[str] = set()  # claimed: the token is at (or about to reach) the IdP
+        self._sending_per_provider: Counter[str] = Counter()
         self._held: set[str] = set()  # held off by `exclusive`: no refresh may start
         self._cooldown: dict[str, float] = {}  # grant id -> monotonic time
         self._tasks = Tasks()
@@ -320,7 +321,15 @@ class Refresher:
             # win each time, which spreads the refreshes over the fleet.
             await asyncio.sleep(CLAIM_SPREAD_SECONDS * self._rand())
         for provider, grants in sorted(wanted.items()):
-            await self._claim_batch(provider, grants, now)
+            # No more than this broker could start (the fleet may allow fewer): the rest stay
+            # due, on the agenda, without a claim or a task made for them.
+            room = self._max_concurrency - self._sending_per_provider[provider]
+            for grant, version in grants[max(room, 0) :]:
+                self._agenda.put(grant.id, now, version)
+            if room > 0:
+                await self._claim_batch(provider, grants[:room], now)
+            else:
+                self._starved = True
 
     def _not_before(self, grant: Grant, mono: float) -> float | None:
         """Seconds until `grant` may be tried here (a local cool-down, a closed gate,
@@ -576,6 +585,7 @@ class Refresher:
     async def _run_claimed(self, attempt: Attempt) -> Grant | None:
         grant = attempt.grant
         self._sending.add(grant.id)
+        self._sending_per_provider[grant.provider] += 1
         self._cache.put(grant)  # the intent: callers wait for the new token from now on
         try:
             await self.follower.announced(grant)
@@ -603,6 +613,7 @@ class Refresher:
             return self._cache.by_id(grant.id)
         finally:
             self._sending.discard(grant.id)
+            self._sending_per_provider[grant.provider] -= 1
         self._cooldown.pop(grant.id, None)
         self._after(attempt, result)
         self._cache.put(result.grant)  # published only now, after the commit
