@@ -36,6 +36,8 @@ from broker.metrics import Metrics
 from broker.store.nodes import Member, NodeInfo, NodeRepository
 
 HEARTBEAT = 2.0  # seconds between heartbeats
+SURVEY_MOMENT = 0.1  # seconds
+KNOWN_WAIT = 2 * HEARTBEAT + 1.0  # at most this long at start for the peers to learn of a node
 PURGE_AFTER = timedelta(days=1)  # stopped or silent nodes are forgotten after this
 log = structlog.get_logger("broker.fleet")
 
@@ -117,8 +119,10 @@ class Fleet:
         lease: timedelta,
         server_time: ServerTime | None = None,
         metrics: Metrics | None = None,
+        known_wait: float = KNOWN_WAIT,
     ) -> None:
         self.nodes = nodes
+        self._known_wait = known_wait
         self.me = me
         self._clock = clock
         # The grants whose leases this node holds for calls in flight (set by the refresher).
@@ -138,7 +142,32 @@ class Fleet:
         if self._metrics is not None:
             self._metrics.store_up.set(1)
         await self.survey()
+        await self._until_known()
         log.info("node_joined", node=self.me.id, peers=len(self.peers))
+
+    async def _until_known(self) -> None:
+        """Wait until every live peer has looked at the nodes since this one registered.
+
+        A peer announces its claims only to the nodes it knows of (broker.follower), and it
+        learns of a new one at its next heartbeat: a node that served before then could serve
+        a token that a peer is rotating without telling it. A peer's heartbeat later than this
+        node's registration means its survey, which follows the heartbeat, has seen this node.
+        """
+        deadline = time.monotonic() + self._known_wait
+        while self.peers and time.monotonic() < deadline:
+            members = await self.nodes.members(self._clock())
+            registered = next((m.heartbeat_at for m in members if m.info.id == self.me.id), None)
+            if registered is None or not [
+                m
+                for m in members
+                if m.alive and m.info.id in self.peers and m.heartbeat_at <= registered
+            ]:
+                # Their surveys run right after the heartbeats just seen: give them that moment.
+                await asyncio.sleep(SURVEY_MOMENT)
+                return
+            await asyncio.sleep(SURVEY_MOMENT)
+        if self.peers and self._known_wait > 0:
+            log.warning("node_not_yet_known_by_peers", node=self.me.id, peers=len(self.peers))
 
     async def run(self) -> None:
         """Heartbeat until cancelled; a store that cannot be reached is retried each beat."""

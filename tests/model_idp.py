@@ -550,6 +550,7 @@ class Incarnation:
             node or this_node(),
             clock,
             lease=LEASE,
+            known_wait=0,  # the harness's nodes beat only when a test says so
         )
         refresher = Refresher(
             repository,

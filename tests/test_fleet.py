@@ -200,11 +200,28 @@ async def test_the_fleet_survey_stops_dead_nodes_of_this_machine_and_lists_live_
     elsewhere = replace(this_node(), hostname="elsewhere.example")
     for node in (dead, elsewhere):
         await nodes.register(node, NOW)
-    fleet = Fleet(nodes, this_node(), lambda: NOW, lease=LEASE)
+    fleet = Fleet(nodes, this_node(), lambda: NOW, lease=LEASE, known_wait=0)
     await fleet.join()
     assert fleet.peers == frozenset({elsewhere.id})
     assert {m.info.id for m in await nodes.members(NOW)} == {elsewhere.id, fleet.me.id}
     assert fleet.problem(timedelta(seconds=10)) is None
+
+
+async def test_a_joining_node_waits_until_its_live_peers_have_beaten_since_it_registered(
+    engine: AsyncEngine,
+) -> None:
+    """Peers announce claims only to nodes they know of, and learn of a new one at their next
+    heartbeat: a node joins (and so serves) only once every live peer has beaten since."""
+    nodes = NodeRepository(engine, timedelta(seconds=30))
+    peer = replace(this_node(), hostname="elsewhere.example")
+    await nodes.register(peer, datetime.now(UTC))
+    fleet = Fleet(nodes, this_node(), lambda: datetime.now(UTC), lease=LEASE)
+    joining = asyncio.create_task(fleet.join())
+    await asyncio.sleep(0.5)
+    assert not joining.done()
+    assert fleet.peers == frozenset({peer.id})
+    assert await nodes.heartbeat(peer.id, datetime.now(UTC), [], LEASE)
+    await asyncio.wait_for(joining, 2)
 
 
 async def test_claims_respect_max_concurrency_across_brokers(

@@ -112,8 +112,12 @@ async def settle(broker: BrokerProcess) -> None:
             or (e["event"] == "refresh" and e.get("outcome") == "success")
         }
         unknown = {e["grant"] for e in events if e["event"] == "refresh_outcome_unknown"}
+        lost = {e["grant"] for e in events if e["event"] == "rotation_lost"}
         if len(unknown) >= pending and unknown <= resolved:
-            return
+            # A loss is logged before it is stored: wait for the listing to show it.
+            listed = await broker.grants()
+            if all(listed[g.rsplit("/", 1)[1]]["state"] != "active" for g in lost):
+                return
         await asyncio.sleep(0.05)
     raise AssertionError(f"recovery did not settle:\n{broker.process.log_tail()}")
 
