@@ -25,6 +25,7 @@ from broker.store.migrate import upgrade
 from broker.store.nodes import NodeRepository
 from broker.store.repository import GrantRepository
 from broker.store.rotations import ClaimOutcome
+from broker.tasks import Tasks
 from tests.model_idp import dead_pid
 
 LEASE = timedelta(seconds=45)
@@ -216,7 +217,7 @@ async def test_a_joining_node_waits_until_its_live_peers_have_beaten_since_it_re
     peer = replace(this_node(), hostname="elsewhere.example")
     await nodes.register(peer, datetime.now(UTC))
     fleet = Fleet(nodes, this_node(), lambda: datetime.now(UTC), lease=LEASE)
-    joining = asyncio.create_task(fleet.join())
+    joining = Tasks().spawn(fleet.join(), "join")
     await asyncio.sleep(0.5)
     assert not joining.done()
     assert fleet.peers == frozenset({peer.id})
