@@ -43,8 +43,8 @@ imports: $(STAMP)  ## the layering contracts of pyproject.toml
 pytest: $(STAMP)  ## the tests (starts its own PostgreSQL when the server binaries exist)
 	$(BIN)/pytest
 
-bench: $(STAMP)  ## token-path benchmark against a bare aiohttp handler
-	$(BIN)/python -m bench.token_path
+bench: $(STAMP)  ## every benchmark at full size (~10 min; results also in var/bench/*.json)
+	$(BIN)/python -m bench --json-dir var/bench
 
 clean:  ## remove the virtualenv and ./var
 	rm -rf $(VENV) var

@@ -1,0 +1,258 @@
+"""Serving: the daemon's GET /v1/tokens against a bare aiohttp handler, driven by h2load.
+
+The daemon is the real `token-broker serve` with its grants seeded in the store, access
+control through a non-admin `[[clients]]` entry (see bench.identity), metrics and default
+logging on. The bare handler answers a body of the same size with the same headers. Both run
+on Unix sockets in the same run, and rounds alternate between them (and swap who goes first),
+so machine noise hits both alike; the tables give medians over the rounds, the ratio of
+throughputs, and each figure beside its target.
+
+    python -m bench.serving [--grants 1000] [--requests 50000] [--connections 1,16,64]
+                            [--rounds 5] [--smoke] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import h2load
+from bench.bare_server import mirrored_headers, write_spec
+from bench.h2load import LoadResult
+from bench.identity import ClientIdentity, token_client
+from bench.install import PROVIDER, daemon, install, workspace
+from bench.options import parser, positive_ints
+from bench.proc import cpu_seconds
+from bench.report import Report, Table, verdict
+from bench.seed import Lifetimes, seed, user_name
+from bench.servers import python_server
+from tests.daemon import request
+
+TARGET_RATIO = 0.85
+TARGET_P99_MS = 1.0
+TARGET_P99_CONNECTIONS = 16
+WARM_UP_REQUESTS = 5000
+SERVERS = ("broker", "bare")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One h2load run against one server, and that server's CPU use meanwhile."""
+
+    server: str
+    round: int
+    load: LoadResult
+    server_cpu: float  # share of one core
+
+    def as_dict(self) -> dict[str, object]:
+        """For --json output."""
+        return {"server": self.server, "round": self.round, "server_cpu": self.server_cpu} | (
+            self.load.as_dict()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where h2load points: a socket, and the pid whose CPU it should cost."""
+
+    socket: Path
+    pid: int
+
+
+def measure(
+    target: Target,
+    *,
+    uris: Path,
+    requests: int,
+    connections: int,
+    log_file: Path,
+    client: ClientIdentity,
+) -> tuple[LoadResult, float]:
+    """One h2load run, and the server's CPU use during it as a share of one core."""
+    cpu_before = cpu_seconds(target.pid)
+    load = h2load.run(
+        target.socket,
+        uris,
+        requests=requests,
+        connections=connections,
+        log_file=log_file,
+        client=client,
+    )
+    return load, (cpu_seconds(target.pid) - cpu_before) / load.wall_s
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the serving benchmark and print its tables."""
+    p = parser("bench.serving", __doc__)
+    p.add_argument("--grants", type=int, default=1000, help="grants in the store (default 1000)")
+    p.add_argument("--requests", type=int, default=50_000, help="requests per h2load run")
+    p.add_argument("--connections", type=positive_ints, default=[1, 16, 64], metavar="LIST")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.grants, args.requests, args.rounds = 20, 300, 1
+    h2load.h2load_path()
+    client = token_client()
+    with workspace(args.log_dir, args.keep) as ws:
+        report = Report.start("serving", ws.root)
+        installation = install(ws.directory("broker"))
+        installation.write_config(client=client)
+        users = seed(
+            installation.store_url,
+            installation.keyring,
+            args.grants,
+            PROVIDER,
+            Lifetimes.long_lived(),
+        )
+        uris = ws.root / "uris.txt"
+        h2load.write_uris(uris, ((PROVIDER, u) for u in users))
+        out = ws.directory("client")
+        client.give(out)
+        runs: list[Run] = []
+        with daemon(installation, ws.logs, "serving") as broker:
+            sample = request(installation.socket, "GET", f"/v1/tokens/{PROVIDER}/{user_name(0)}")
+            if sample.status != 200:
+                raise RuntimeError(f"the daemon answered {sample.status} to a token request")
+            spec = ws.root / "bare-spec.json"
+            write_spec(spec, len(sample.body), sample.headers)
+            bare_socket = ws.root / "bare.sock"
+            with python_server(
+                "bench.bare_server",
+                [str(bare_socket), str(spec)],
+                ready=bare_socket,
+                log=ws.logs / "bare.stderr.log",
+            ) as bare:
+                targets = {
+                    "broker": Target(installation.socket, broker.pid),
+                    "bare": Target(bare_socket, bare.pid),
+                }
+
+                def one(name: str, requests: int, connections: int) -> tuple[LoadResult, float]:
+                    log_file = out / f"{name}-{connections}.log"
+                    return measure(
+                        targets[name],
+                        uris=uris,
+                        requests=requests,
+                        connections=connections,
+                        log_file=log_file,
+                        client=client,
+                    )
+
+                for name in SERVERS:  # warm up: first connections, code paths, allocator
+                    one(name, min(args.requests, WARM_UP_REQUESTS), 16)
+                runs = _rounds(args.rounds, args.connections, args.requests, one)
+        report.results = {
+            "grants": args.grants,
+            "requests_per_run": args.requests,
+            "rounds": args.rounds,
+            "client": client.describe(),
+            "body_bytes": len(sample.body),
+            "headers": sorted(mirrored_headers(sample.headers)),
+            "runs": [r.as_dict() for r in runs],
+        }
+        notes = [
+            f"{args.grants:,} grants; {args.requests:,} requests per run, spread over every "
+            f"grant; median of {args.rounds} alternating rounds",
+            client.describe(),
+            f"bare handler: the same {len(sample.body)}-byte body size and the same headers "
+            f"({', '.join(sorted(mirrored_headers(sample.headers)))}) as the daemon's answer",
+        ]
+        report.tables = _tables(runs, notes)
+        report.finish()
+    report.emit(args.json)
+
+
+def _rounds(
+    rounds: int,
+    connection_counts: list[int],
+    requests: int,
+    one: Callable[[str, int, int], tuple[LoadResult, float]],
+) -> list[Run]:
+    runs = []
+    for round_ in range(rounds):
+        for connections in connection_counts:
+            # Swap who goes first each round, so a drifting machine favours neither.
+            order = SERVERS if round_ % 2 == 0 else tuple(reversed(SERVERS))
+            for name in order:
+                load, cpu = one(name, requests, connections)
+                runs.append(Run(name, round_, load, cpu))
+                time.sleep(0.2)  # let the previous server's sockets close
+    return runs
+
+
+def _median(runs: list[Run], server: str, connections: int, field: str) -> float:
+    values = [
+        float(getattr(r.load, field)) if field != "server_cpu" else r.server_cpu
+        for r in runs
+        if r.server == server and r.load.connections == connections
+    ]
+    return statistics.median(values)
+
+
+def _client_cpu(runs: list[Run], server: str, connections: int) -> float:
+    shares = [
+        r.load.client_cpu_s / r.load.wall_s
+        for r in runs
+        if r.server == server and r.load.connections == connections
+    ]
+    return statistics.median(shares)
+
+
+def _tables(runs: list[Run], notes: list[str]) -> list[Table]:
+    connection_counts = sorted({r.load.connections for r in runs})
+    throughput = Table(
+        "Serving throughput: broker vs bare aiohttp handler (h2load, HTTP/1.1, Unix socket)",
+        [
+            "connections",
+            "broker req/s",
+            "bare req/s",
+            "ratio",
+            "target",
+            "met",
+            "broker CPU",
+            "bare CPU",
+            "h2load CPU",
+        ],
+    )
+    latency = Table(
+        "Serving latency (ms, from h2load's per-request log)",
+        ["connections", "broker p50", "broker p99", "bare p50", "bare p99", "target p99", "met"],
+    )
+    for c in connection_counts:
+        broker_rps, bare_rps = _median(runs, "broker", c, "rps"), _median(runs, "bare", c, "rps")
+        ratio = broker_rps / bare_rps
+        throughput.add(
+            c,
+            broker_rps,
+            bare_rps,
+            ratio,
+            f">= {TARGET_RATIO}",
+            verdict(ratio >= TARGET_RATIO),
+            f"{_median(runs, 'broker', c, 'server_cpu'):.0%}",
+            f"{_median(runs, 'bare', c, 'server_cpu'):.0%}",
+            f"{_client_cpu(runs, 'broker', c):.0%}",
+        )
+        broker_p99 = _median(runs, "broker", c, "p99_ms")
+        has_target = c == TARGET_P99_CONNECTIONS
+        latency.add(
+            c,
+            _median(runs, "broker", c, "p50_ms"),
+            broker_p99,
+            _median(runs, "bare", c, "p50_ms"),
+            _median(runs, "bare", c, "p99_ms"),
+            f"< {TARGET_P99_MS:g}" if has_target else None,
+            verdict(broker_p99 < TARGET_P99_MS) if has_target else None,
+        )
+    throughput.notes = [
+        *notes,
+        "CPU columns: median share of one core used by each server during its runs, and by "
+        "h2load during the broker's runs (well below 100%: the client is not the bottleneck)",
+    ]
+    return [throughput, latency]
+
+
+if __name__ == "__main__":
+    main()
