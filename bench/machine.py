@@ -47,6 +47,17 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (user, system, interrupts, steal).
+
+    The difference over a run, less the CPU of the benchmark's own processes, is what the
+    rest of the machine took meanwhile: the noise in that run's figures.
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

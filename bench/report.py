@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ class Table:
 
     def render(self) -> str:
         """The table as aligned text, notes underneath."""
-        text = [[_text(c) for c in row] for row in self.rows]
+        text = [[cell_text(c) for c in row] for row in self.rows]
         widths = [
             max(len(name), *(len(row[i]) for row in text)) if text else len(name)
             for i, name in enumerate(self.columns)
@@ -59,7 +60,8 @@ class Table:
         }
 
 
-def _text(cell: Cell) -> str:
+def cell_text(cell: Cell) -> str:
+    """How a cell is printed: numbers rounded for reading, None as a dash."""
     if cell is None:
         return "-"
     if isinstance(cell, float):
@@ -73,9 +75,41 @@ def _text(cell: Cell) -> str:
     return cell
 
 
+def load_text(start: float, end: float | None, peak: float | None) -> str:
+    """How loaded the machine was, in words."""
+    text = f"load average {start:.2f} at start"
+    if end is not None:
+        text += f", {end:.2f} at end"
+    if peak is not None:
+        text += f", {peak:.2f} at most"
+    return text
+
+
 def verdict(met: bool) -> str:
     """The "meets target" cell."""
     return "yes" if met else "NO"
+
+
+class LoadWatch:
+    """The highest one-minute load average seen, sampled every few seconds on a thread."""
+
+    INTERVAL = 5.0
+
+    def __init__(self) -> None:
+        self.peak = loadavg()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loadavg", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            self.peak = max(self.peak, loadavg())
+
+    def stop(self) -> float:
+        """Stop sampling; the peak."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, loadavg())
 
 
 @dataclass(slots=True)
@@ -89,8 +123,10 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     load_end: float | None = None
+    load_peak: float | None = None
     seconds: float | None = None
     _t0: float = field(default_factory=time.monotonic)
+    _watch: LoadWatch = field(default_factory=LoadWatch)
 
     @classmethod
     def start(cls, name: str, directory: Path) -> Report:
@@ -98,16 +134,17 @@ class Report:
         return cls(name, machine(directory), datetime.now(UTC), loadavg())
 
     def finish(self) -> None:
-        """Note the end: the load average now and the elapsed time."""
+        """Note the end: the load average now and at its highest, and the elapsed time."""
+        self.load_peak = self._watch.stop()
         self.load_end = loadavg()
         self.seconds = time.monotonic() - self._t0
 
     def render(self) -> str:
         """Every table, under a heading that names the machine and the load."""
         heading = (
-            f"{self.name}: {self.machine.describe()}; load average {self.load_start:.2f} "
-            f"at start, {self.load_end if self.load_end is not None else float('nan'):.2f} "
-            f"at end; {self.seconds or 0:.0f} s"
+            f"{self.name}: {self.machine.describe()}; "
+            f"{load_text(self.load_start, self.load_end, self.load_peak)}; "
+            f"{self.seconds or 0:.0f} s"
         )
         return "\n\n".join([heading, *(t.render() for t in self.tables)]) + "\n"
 
@@ -117,7 +154,11 @@ class Report:
             "benchmark": self.name,
             "started": self.started.isoformat(timespec="seconds"),
             "machine": self.machine.as_dict(),
-            "load_average": {"start": self.load_start, "end": self.load_end},
+            "load_average": {
+                "start": self.load_start,
+                "end": self.load_end,
+                "max": self.load_peak,
+            },
             "seconds": self.seconds,
             "tables": [t.as_dict() for t in self.tables],
             "results": self.results,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from sqlalchemy import func, select
 from bench import commit_rate, pg
 from bench.identity import token_client
 from bench.install import PROVIDER, Installation, Workspace, daemon, install, workspace
+from bench.machine import busy_seconds
 from bench.options import parser, positive_ints
 from bench.proc import cpu_seconds
 from bench.report import Report, Table, verdict
@@ -53,6 +55,7 @@ class Storm:
     cpu_ms: float  # daemon CPU per rotation, while rotating
     broker_cpu: float  # share of one core, while rotating
     idp_cpu: float  # share of one core, while rotating
+    others_cpu: float  # share of one core taken by processes outside the benchmark
     exec_to_done_s: float
 
 
@@ -64,6 +67,21 @@ class Sample:
     moved: int
     broker_cpu: float
     idp_cpu: float
+    busy: float  # the whole machine's non-idle CPU seconds
+    own_cpu: float  # this process's (the poller's)
+
+    @classmethod
+    def take(cls, moved: int, pids: tuple[int, int]) -> Sample:
+        """The state now, given how many grants have moved."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            time.monotonic(),
+            moved,
+            cpu_seconds(pids[0]),
+            cpu_seconds(pids[1]),
+            busy_seconds(),
+            usage.ru_utime + usage.ru_stime,
+        )
 
 
 async def _watch(
@@ -78,9 +96,7 @@ async def _watch(
             while time.monotonic() < deadline:
                 moved = int((await conn.execute(query)).scalar_one())
                 await conn.rollback()  # a fresh snapshot next time
-                samples.append(
-                    Sample(time.monotonic(), moved, cpu_seconds(pids[0]), cpu_seconds(pids[1]))
-                )
+                samples.append(Sample.take(moved, pids))
                 if moved >= grants_total:
                     return samples
                 await asyncio.sleep(POLL_SECONDS)
@@ -150,8 +166,19 @@ def storm(
         cpu_ms=(done.broker_cpu - begin.broker_cpu) / rotated * 1000,
         broker_cpu=(done.broker_cpu - begin.broker_cpu) / span,
         idp_cpu=(done.idp_cpu - begin.idp_cpu) / span,
+        others_cpu=max(0.0, _others(begin, done)) / span,
         exec_to_done_s=done.at - started,
     )
+
+
+def _others(begin: Sample, end: Sample) -> float:
+    """CPU seconds that processes outside the benchmark used between two samples."""
+    ours = (
+        (end.broker_cpu - begin.broker_cpu)
+        + (end.idp_cpu - begin.idp_cpu)
+        + (end.own_cpu - begin.own_cpu)
+    )
+    return end.busy - begin.busy - ours
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -247,6 +274,7 @@ def _tables(
             "CPU ms/rotation",
             "broker CPU",
             "IdP CPU",
+            "others' CPU",
             "exec to done s",
             "target",
             "met",
@@ -261,13 +289,15 @@ def _tables(
             s.cpu_ms,
             f"{s.broker_cpu:.0%}",
             f"{s.idp_cpu:.0%}",
+            f"{s.others_cpu:.0%}",
             s.exec_to_done_s,
             f">= {TARGET_RATE:,.0f}/s" if has_target else None,
             verdict(s.rate >= TARGET_RATE) if has_target else None,
         )
     rotations.notes = [
         "rotations/s: grants / (last commit seen in the store - first refresh at the provider)",
-        "CPU: the daemon's and the provider's CPU while rotating, as a share of one core",
+        "CPU: the daemon's and the provider's CPU while rotating, as a share of one core; "
+        "others': what processes outside the benchmark took meanwhile (the noise)",
         *notes,
     ]
     ceiling = Table(

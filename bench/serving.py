@@ -24,6 +24,7 @@ from bench.bare_server import mirrored_headers, write_spec
 from bench.h2load import LoadResult
 from bench.identity import ClientIdentity, token_client
 from bench.install import PROVIDER, daemon, install, workspace
+from bench.machine import busy_seconds
 from bench.options import parser, positive_ints
 from bench.proc import cpu_seconds
 from bench.report import Report, Table, verdict
@@ -40,18 +41,21 @@ SERVERS = ("broker", "bare")
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One h2load run against one server, and that server's CPU use meanwhile."""
+    """One h2load run against one server, and who used the CPU meanwhile."""
 
     server: str
-    round: int
     load: LoadResult
     server_cpu: float  # share of one core
+    others_cpu: float  # share of one core used by processes outside the benchmark
 
     def as_dict(self) -> dict[str, object]:
         """For --json output."""
-        return {"server": self.server, "round": self.round, "server_cpu": self.server_cpu} | (
-            self.load.as_dict()
-        )
+        return {
+            "server": self.server,
+            "server_cpu": self.server_cpu,
+            "others_cpu": self.others_cpu,
+            **self.load.as_dict(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class Target:
 
 
 def measure(
+    name: str,
     target: Target,
     *,
     uris: Path,
@@ -70,9 +75,9 @@ def measure(
     connections: int,
     log_file: Path,
     client: ClientIdentity,
-) -> tuple[LoadResult, float]:
-    """One h2load run, and the server's CPU use during it as a share of one core."""
-    cpu_before = cpu_seconds(target.pid)
+) -> Run:
+    """One h2load run, with the server's and everyone else's CPU use during it."""
+    cpu_before, busy_before = cpu_seconds(target.pid), busy_seconds()
     load = h2load.run(
         target.socket,
         uris,
@@ -81,7 +86,9 @@ def measure(
         log_file=log_file,
         client=client,
     )
-    return load, (cpu_seconds(target.pid) - cpu_before) / load.wall_s
+    server = cpu_seconds(target.pid) - cpu_before
+    others = busy_seconds() - busy_before - server - load.client_cpu_s
+    return Run(name, load, server / load.wall_s, max(0.0, others) / load.wall_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "bare": Target(bare_socket, bare.pid),
                 }
 
-                def one(name: str, requests: int, connections: int) -> tuple[LoadResult, float]:
+                def one(name: str, requests: int, connections: int) -> Run:
                     log_file = out / f"{name}-{connections}.log"
                     return measure(
+                        name,
                         targets[name],
                         uris=uris,
                         requests=requests,
@@ -169,7 +177,7 @@ def _rounds(
     rounds: int,
     connection_counts: list[int],
     requests: int,
-    one: Callable[[str, int, int], tuple[LoadResult, float]],
+    one: Callable[[str, int, int], Run],
 ) -> list[Run]:
     runs = []
     for round_ in range(rounds):
@@ -177,19 +185,19 @@ def _rounds(
             # Swap who goes first each round, so a drifting machine favours neither.
             order = SERVERS if round_ % 2 == 0 else tuple(reversed(SERVERS))
             for name in order:
-                load, cpu = one(name, requests, connections)
-                runs.append(Run(name, round_, load, cpu))
+                runs.append(one(name, requests, connections))
                 time.sleep(0.2)  # let the previous server's sockets close
     return runs
 
 
-def _median(runs: list[Run], server: str, connections: int, field: str) -> float:
-    values = [
-        float(getattr(r.load, field)) if field != "server_cpu" else r.server_cpu
-        for r in runs
-        if r.server == server and r.load.connections == connections
-    ]
-    return statistics.median(values)
+def _median(runs: list[Run], server: str, connections: int, pick: Callable[[Run], float]) -> float:
+    return statistics.median(
+        pick(r) for r in runs if r.server == server and r.load.connections == connections
+    )
+
+
+def _others(runs: list[Run], connections: int) -> float:
+    return statistics.median(r.others_cpu for r in runs if r.load.connections == connections)
 
 
 def _client_cpu(runs: list[Run], server: str, connections: int) -> float:
@@ -215,6 +223,7 @@ def _tables(runs: list[Run], notes: list[str]) -> list[Table]:
             "broker CPU",
             "bare CPU",
             "h2load CPU",
+            "others' CPU",
         ],
     )
     latency = Table(
@@ -222,7 +231,10 @@ def _tables(runs: list[Run], notes: list[str]) -> list[Table]:
         ["connections", "broker p50", "broker p99", "bare p50", "bare p99", "target p99", "met"],
     )
     for c in connection_counts:
-        broker_rps, bare_rps = _median(runs, "broker", c, "rps"), _median(runs, "bare", c, "rps")
+        broker_rps, bare_rps = (
+            _median(runs, "broker", c, lambda r: r.load.rps),
+            _median(runs, "bare", c, lambda r: r.load.rps),
+        )
         ratio = broker_rps / bare_rps
         throughput.add(
             c,
@@ -231,18 +243,19 @@ def _tables(runs: list[Run], notes: list[str]) -> list[Table]:
             ratio,
             f">= {TARGET_RATIO}",
             verdict(ratio >= TARGET_RATIO),
-            f"{_median(runs, 'broker', c, 'server_cpu'):.0%}",
-            f"{_median(runs, 'bare', c, 'server_cpu'):.0%}",
+            f"{_median(runs, 'broker', c, lambda r: r.server_cpu):.0%}",
+            f"{_median(runs, 'bare', c, lambda r: r.server_cpu):.0%}",
             f"{_client_cpu(runs, 'broker', c):.0%}",
+            f"{_others(runs, c):.0%}",
         )
-        broker_p99 = _median(runs, "broker", c, "p99_ms")
+        broker_p99 = _median(runs, "broker", c, lambda r: r.load.p99_ms)
         has_target = c == TARGET_P99_CONNECTIONS
         latency.add(
             c,
-            _median(runs, "broker", c, "p50_ms"),
+            _median(runs, "broker", c, lambda r: r.load.p50_ms),
             broker_p99,
-            _median(runs, "bare", c, "p50_ms"),
-            _median(runs, "bare", c, "p99_ms"),
+            _median(runs, "bare", c, lambda r: r.load.p50_ms),
+            _median(runs, "bare", c, lambda r: r.load.p99_ms),
             f"< {TARGET_P99_MS:g}" if has_target else None,
             verdict(broker_p99 < TARGET_P99_MS) if has_target else None,
         )
@@ -250,6 +263,8 @@ def _tables(runs: list[Run], notes: list[str]) -> list[Table]:
         *notes,
         "CPU columns: median share of one core used by each server during its runs, and by "
         "h2load during the broker's runs (well below 100%: the client is not the bottleneck)",
+        "others' CPU: median share of one core that processes outside the benchmark took "
+        "during the runs (the noise; 0% on a quiet machine)",
     ]
     return [throughput, latency]
 

@@ -154,3 +154,28 @@ def test_bulk_import_through_make_bench_stores_every_posted_grant(
     [row] = rows(json.loads((json_dir / "bulk_import.json").read_text()), "Bulk import")
     assert row[:2] == ["POST /v1/grants", 50]
     assert_clean_logs(log_dir, "import")
+
+
+def test_markdown_renders_a_result_file_as_the_tables_it_holds(tmp_path: Path) -> None:
+    """`python -m bench.markdown` prints a result file's tables as Markdown, notes and all."""
+    result = {
+        "benchmark": "bulk_import",
+        "started": "2026-01-01T00:00:00+00:00",
+        "load_average": {"start": 0.25, "end": 0.5},
+        "seconds": 12.0,
+        "tables": [
+            {
+                "title": "Bulk import",
+                "columns": ["via", "grants/s", "met"],
+                "rows": [["POST /v1/grants", 1234.4, None]],
+                "notes": ["each grant is new"],
+            }
+        ],
+    }
+    path = tmp_path / "bulk_import.json"
+    path.write_text(json.dumps(result))
+    out = run_module("bench.markdown", str(path))
+    assert "load average 0.25 at start, 0.50 at end; 12 s" in out
+    assert "| via | grants/s | met |" in out
+    assert "| POST /v1/grants | 1,234 | - |" in out
+    assert "- each grant is new" in out
