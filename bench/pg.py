@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.proc import parent
 from tests.postgres import PostgresServer, find_pg_bin, start_postgres
 
 
@@ -31,6 +32,23 @@ def server(directory: Path, url: str | None) -> Iterator[PostgresServer]:
         yield pg
     finally:
         pg.stop()
+
+
+def postmaster(url: str) -> int | None:
+    """The pid of the server's postmaster when it runs on this machine, else None."""
+
+    async def find() -> int | None:
+        conn = await asyncpg.connect(url)
+        try:
+            backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            # Read while the backend exists: it is gone once its connection closes.
+            return parent(backend)
+        except OSError:  # no such pid here: the server runs elsewhere
+            return None
+        finally:
+            await conn.close()
+
+    return asyncio.run(find())
 
 
 def durability(url: str) -> str:

@@ -16,10 +16,39 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS: is {pid} a kernel thread?")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used so far, in seconds."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat from field 3 (state) on; field n of proc(5) is [n - 3]."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces and parentheses; fields resume after its ")".
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / _TICKS
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, in seconds."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def parent(pid: int) -> int:
+    """The parent process id."""
+    return int(_stat(pid)[1])
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, its children that still run and those it has reaped.
+
+    For a server that forks a process per connection (PostgreSQL's postmaster), this is the
+    whole server's CPU so far.
+    """
+    fields = _stat(pid)
+    own = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime (reaped children)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat(int(entry.name))
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+        if child[1] == str(pid):
+            own += int(child[11]) + int(child[12])
+    return own / _TICKS

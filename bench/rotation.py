@@ -31,7 +31,7 @@ from bench.identity import token_client
 from bench.install import PROVIDER, Installation, Workspace, daemon, install, workspace
 from bench.machine import busy_seconds
 from bench.options import parser, positive_ints
-from bench.proc import cpu_seconds
+from bench.proc import cpu_seconds, family_cpu_seconds
 from bench.report import Report, Table, verdict
 from bench.seed import Lifetimes, generations, seed
 from bench.servers import python_server
@@ -55,8 +55,18 @@ class Storm:
     cpu_ms: float  # daemon CPU per rotation, while rotating
     broker_cpu: float  # share of one core, while rotating
     idp_cpu: float  # share of one core, while rotating
+    db_cpu: float | None  # PostgreSQL's share of one core, while rotating
     others_cpu: float  # share of one core taken by processes outside the benchmark
     exec_to_done_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """The processes whose CPU a storm costs: the daemon, the provider, the database server."""
+
+    broker: int
+    idp: int
+    database: int | None  # PostgreSQL's postmaster; None for SQLite (inside the daemon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,25 +77,27 @@ class Sample:
     moved: int
     broker_cpu: float
     idp_cpu: float
+    db_cpu: float
     busy: float  # the whole machine's non-idle CPU seconds
     own_cpu: float  # this process's (the poller's)
 
     @classmethod
-    def take(cls, moved: int, pids: tuple[int, int]) -> Sample:
+    def take(cls, moved: int, watched: Watched) -> Sample:
         """The state now, given how many grants have moved."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return cls(
             time.monotonic(),
             moved,
-            cpu_seconds(pids[0]),
-            cpu_seconds(pids[1]),
+            cpu_seconds(watched.broker),
+            cpu_seconds(watched.idp),
+            0.0 if watched.database is None else family_cpu_seconds(watched.database),
             busy_seconds(),
             usage.ru_utime + usage.ru_stime,
         )
 
 
 async def _watch(
-    store_url: str, grants_total: int, pids: tuple[int, int], deadline: float
+    store_url: str, grants_total: int, watched: Watched, deadline: float
 ) -> list[Sample]:
     """Sample the store until every grant's generation has moved; the samples."""
     engine = create_engine(store_url)
@@ -96,7 +108,7 @@ async def _watch(
             while time.monotonic() < deadline:
                 moved = int((await conn.execute(query)).scalar_one())
                 await conn.rollback()  # a fresh snapshot next time
-                samples.append(Sample.take(moved, pids))
+                samples.append(Sample.take(moved, watched))
                 if moved >= grants_total:
                     return samples
                 await asyncio.sleep(POLL_SECONDS)
@@ -120,6 +132,7 @@ def storm(
     store_url: str | None,
     grants_total: int,
     concurrency: int,
+    database: int | None = None,
 ) -> Storm:
     """Seed, start the provider and the daemon, time the storm, check the outcome."""
     installation: Installation = install(ws.directory(name), store_url)
@@ -143,7 +156,10 @@ def storm(
         with daemon(installation, ws.logs, name, wait=False) as broker:
             samples = asyncio.run(
                 _watch(
-                    installation.store_url, grants_total, (broker.pid, idp.pid), started + timeout
+                    installation.store_url,
+                    grants_total,
+                    Watched(broker.pid, idp.pid, database),
+                    started + timeout,
                 )
             )
         stats = _stats(port)
@@ -166,6 +182,7 @@ def storm(
         cpu_ms=(done.broker_cpu - begin.broker_cpu) / rotated * 1000,
         broker_cpu=(done.broker_cpu - begin.broker_cpu) / span,
         idp_cpu=(done.idp_cpu - begin.idp_cpu) / span,
+        db_cpu=None if database is None else (done.db_cpu - begin.db_cpu) / span,
         others_cpu=max(0.0, _others(begin, done)) / span,
         exec_to_done_s=done.at - started,
     )
@@ -176,6 +193,7 @@ def _others(begin: Sample, end: Sample) -> float:
     ours = (
         (end.broker_cpu - begin.broker_cpu)
         + (end.idp_cpu - begin.idp_cpu)
+        + (end.db_cpu - begin.db_cpu)
         + (end.own_cpu - begin.own_cpu)
     )
     return end.busy - begin.busy - ours
@@ -249,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             store_url=url,
                             grants_total=args.grants,
                             concurrency=c,
+                            database=pg.postmaster(url),
                         )
                     )
         report.results = {
@@ -274,6 +293,7 @@ def _tables(
             "CPU ms/rotation",
             "broker CPU",
             "IdP CPU",
+            "DB CPU",
             "others' CPU",
             "exec to done s",
             "target",
@@ -289,6 +309,7 @@ def _tables(
             s.cpu_ms,
             f"{s.broker_cpu:.0%}",
             f"{s.idp_cpu:.0%}",
+            None if s.db_cpu is None else f"{s.db_cpu:.0%}",
             f"{s.others_cpu:.0%}",
             s.exec_to_done_s,
             f">= {TARGET_RATE:,.0f}/s" if has_target else None,
@@ -296,8 +317,9 @@ def _tables(
         )
     rotations.notes = [
         "rotations/s: grants / (last commit seen in the store - first refresh at the provider)",
-        "CPU: the daemon's and the provider's CPU while rotating, as a share of one core; "
-        "others': what processes outside the benchmark took meanwhile (the noise)",
+        "CPU: the daemon's, the provider's and PostgreSQL's CPU while rotating, as shares of "
+        "one core (SQLite works inside the daemon); others': what processes outside the "
+        "benchmark took meanwhile (the noise)",
         *notes,
     ]
     ceiling = Table(
