@@ -22,6 +22,7 @@ from pathlib import Path
 from bench import h2load
 from bench.identity import ClientIdentity, token_client
 from bench.install import PROVIDER, Workspace, daemon, install, workspace
+from bench.machine import busy_seconds
 from bench.options import counts, parser
 from bench.proc import cpu_seconds, rss_mib
 from bench.report import Report, Table, verdict
@@ -52,6 +53,7 @@ class Footprint:
     rps: float | None
     p50_ms: float | None
     p99_ms: float | None
+    others_cpu: float | None  # share of one core others took during the token run
 
 
 def measure(
@@ -79,8 +81,10 @@ def measure(
         time.sleep(idle)
         idle_cpu = (cpu_seconds(process.pid) - cpu) / idle
         rss_idle = rss_mib(process.pid)
+        others = None
         if size:
             for n in (min(requests, WARM_UP_REQUESTS), requests):  # warm-up, then measured
+                cpu, busy = cpu_seconds(process.pid), busy_seconds()
                 load = h2load.run(
                     installation.socket,
                     uris,
@@ -89,6 +93,8 @@ def measure(
                     log_file=out / "h2load.log",
                     client=client,
                 )
+                ours = cpu_seconds(process.pid) - cpu + load.client_cpu_s
+                others = max(0.0, busy_seconds() - busy - ours) / load.wall_s
     return Footprint(
         grants=size,
         seed_s=seeded,
@@ -99,6 +105,7 @@ def measure(
         rps=None if load is None else load.rps,
         p50_ms=None if load is None else load.p50_ms,
         p99_ms=None if load is None else load.p99_ms,
+        others_cpu=others,
     )
 
 
@@ -156,7 +163,17 @@ def _tables(
 ) -> list[Table]:
     sizes = Table(
         "Scale: start-up, memory, idle cost and token latency by grant count",
-        ["grants", "ready s", "RSS MiB", "RSS idle MiB", "idle CPU", "req/s", "p50 ms", "p99 ms"],
+        [
+            "grants",
+            "ready s",
+            "RSS MiB",
+            "RSS idle MiB",
+            "idle CPU",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "others' CPU",
+        ],
     )
     for f in footprints:
         sizes.add(
@@ -168,12 +185,14 @@ def _tables(
             f.rps,
             f.p50_ms,
             f.p99_ms,
+            None if f.others_cpu is None else f"{f.others_cpu:.0%}",
         )
     sizes.notes = [
         "ready: exec of `token-broker serve` to the first 200 from /readyz",
         f"RSS: VmRSS after ready and a settling pause, and again after {idle:g} s idle",
         f"idle CPU: utime + stime over {idle:g} s with no requests, as a share of one core",
-        f"tokens: {requests:,} GETs at {CONNECTIONS} connections with h2load over every grant",
+        f"tokens: {requests:,} GETs at {CONNECTIONS} connections with h2load over every grant; "
+        "others': what processes outside the benchmark took meanwhile (the noise)",
         client.describe(),
     ]
     largest = max(footprints, key=lambda f: f.grants)
