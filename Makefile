@@ -51,8 +51,8 @@ fleet: $(STAMP)  ## three brokers on one PostgreSQL at the real IdP, with kills 
 
 acceptance: faults fleet  ## the long acceptance runs CI makes after `make test`
 
-bench: $(STAMP)  ## token-path benchmark against a bare aiohttp handler
-	$(BIN)/python -m bench.token_path
+bench: $(STAMP)  ## every benchmark at full size (~10 min; results also in var/bench/*.json)
+	$(BIN)/python -m bench --json-dir var/bench
 
 clean:  ## remove the virtualenv and ./var
 	rm -rf $(VENV) var

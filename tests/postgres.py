@@ -127,7 +127,8 @@ def _make_root(tmp_dir: Path) -> Path:
     return root
 
 
-def start_postgres(tmp_dir: Path) -> PostgresServer:
+def start_postgres(tmp_dir: Path, *, fsync: bool = False) -> PostgresServer:
+    """A new cluster under `tmp_dir`; without `fsync` (as tests want) commits are not durable."""
     pg_bin = find_pg_bin()
     if pg_bin is None:
         raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql")
@@ -147,7 +148,8 @@ def start_postgres(tmp_dir: Path) -> PostgresServer:
             port = _free_port()
             opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {shlex.quote(str(sock))}"
             start = [str(pg_bin / "pg_ctl"), "start", "-w", "-t", str(int(START_TIMEOUT))]
-            done = _pg_run([*start, "-D", str(data), "-l", str(log), "-o", opts + " -c fsync=off"])
+            opts += "" if fsync else " -c fsync=off"
+            done = _pg_run([*start, "-D", str(data), "-l", str(log), "-o", opts])
             if done.returncode == 0 or "already in use" not in _log_tail(log):
                 break
         if done.returncode != 0:
