@@ -33,7 +33,7 @@ from broker.errors import ConflictError
 from broker.model import Grant, GrantState
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
-from broker.store.session import Database, stamp_versions, take_versions
+from broker.store.session import Database, stamp_writes, take_versions
 from broker.store.tables import grants, nodes
 
 
@@ -451,15 +451,12 @@ class RotationWrites:
                     )
                     .values(
                         **values,
-                        updated_at=self._db.now(commit.now),
                         lease_owner=None,
                         lease_expires_at=None,
                         last_write=commit.write_id,
                     )
-                    .returning(grants.c.updated_at)
                 )
-                stamp = result.first()
-                if stamp is None:
+                if result.rowcount != 1:
                     outcomes.append(
                         ConflictError(
                             f"grant {commit.grant.name} is no longer at generation "
@@ -467,11 +464,18 @@ class RotationWrites:
                         )
                     )
                     continue
-                outcomes.append(replace(new, key_id=values["key_id"], updated_at=stamp.updated_at))
+                outcomes.append(replace(new, key_id=values["key_id"]))
             landed = [g for g in outcomes if isinstance(g, Grant)]
-            versions = await stamp_versions(conn, [g.id for g in landed])
-            await self._db.notify(conn, [notice(g.id, versions[g.id]) for g in landed])
-        return [replace(g, version=versions[g.id]) if isinstance(g, Grant) else g for g in outcomes]
+            # Stamped (version and updated_at) last, by the store's clock of that moment.
+            at = self._db.now(max(c.now for c in commits))
+            stamps = await stamp_writes(conn, [g.id for g in landed], at)
+            await self._db.notify(conn, [notice(g.id, stamps[g.id][0]) for g in landed])
+        return [
+            replace(g, version=stamps[g.id][0], updated_at=stamps[g.id][1])
+            if isinstance(g, Grant)
+            else g
+            for g in outcomes
+        ]
 
     async def settle(
         self,
@@ -498,7 +502,6 @@ class RotationWrites:
             "next_refresh_at": next_refresh_at,
             "refresh_failures": refresh_failures,
             "intent_at": intent,
-            "updated_at": self._db.now(now),
             "lease_owner": None,
             "lease_expires_at": None,
             "last_write": write_id,
@@ -512,15 +515,15 @@ class RotationWrites:
                     grants.c.lease_owner == owner,
                 )
                 .values(**changes)
-                .returning(grants.c.updated_at)
             )
-            stamp = result.first()
-            if stamp is None:
+            if result.rowcount != 1:
                 raise ConflictError(
                     f"grant {grant.name} is no longer at generation {grant.generation} "
                     "under this lease"
                 )
-            version = (await stamp_versions(conn, [grant.id]))[grant.id]
+            version, updated_at = (await stamp_writes(conn, [grant.id], self._db.now(now)))[
+                grant.id
+            ]
             await self._db.notify(conn, [notice(grant.id, version)])
         return replace(
             grant,
@@ -529,7 +532,7 @@ class RotationWrites:
             next_refresh_at=next_refresh_at,
             refresh_failures=refresh_failures,
             intent_at=intent,
-            updated_at=stamp.updated_at,
+            updated_at=updated_at,
             version=version,
         )
 
