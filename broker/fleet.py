@@ -186,7 +186,6 @@ class Fleet:
 
     async def beat(self) -> None:
         """One heartbeat: stamp it, renew the leases of calls in flight, look around."""
-        sent = time.monotonic()
         if not await self.nodes.heartbeat(self.me.id, self._clock(), self.in_flight(), self._lease):
             # Another node found this one dead (a long stall, a partition): its leases were
             # freed and may have been taken; its refreshes in flight are fenced off by their
@@ -201,6 +200,9 @@ class Fleet:
         if self.steady_since is None:
             self.steady_since = self.last_beat
         if self._server_time is not None:
+            # Timed around the read alone: the heartbeat's write may have queued behind
+            # others, and half of that wait would be taken for the server's clock being ahead.
+            sent = time.monotonic()
             server = await self.nodes.server_time()
             if server is not None:
                 self._server_time.measured(server, sent, time.monotonic())

@@ -122,6 +122,7 @@ class FleetRun:
         self.outage_serves: Counter[str] = Counter()
         self.outage_probed: Counter[str] = Counter()
         self.outage_refused: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+        self.stop_seconds = 0.0
 
     def env(self, name: str) -> dict[str, str]:
         """The environment a node runs with: node "c" under a clock SKEW seconds ahead."""
@@ -227,12 +228,18 @@ class FleetRun:
         provider has deleted the old token: ROTATION.md invariant 7).
         """
         sample = self.accounts[:PROBE_USERS]
-        before = {
-            name: await asyncio.gather(*(self._expiry(broker, user) for user in sample))
-            for name, broker in self.nodes.items()
-        }
+        sampled = await asyncio.gather(
+            *(
+                asyncio.gather(*(self._expiry(broker, user) for user in sample))
+                for broker in self.nodes.values()
+            )
+        )
+        before = dict(zip(self.nodes, sampled, strict=True))
         probed_at = time.monotonic()
-        await asyncio.to_thread(self.pg.stop)
+        # At once, as a crash or a power cut would: a fast stop can take seconds, and tokens
+        # live for six.
+        await asyncio.to_thread(self.pg.stop, "immediate")
+        self.stop_seconds = time.monotonic() - probed_at
         try:
             await asyncio.gather(
                 *(
@@ -489,6 +496,7 @@ async def test_three_brokers_share_the_work_and_never_serve_a_rotated_token_thro
             name: f"{run.outage_serves[name]} of {run.outage_probed[name]} served" for name in NODES
         },
         "outage_refused": dict(run.outage_refused),
+        "database_stop_seconds": round(run.stop_seconds, 2),
         "readyz_during_outage": [(n, s) for n, s, _ in run.readyz_down],
         "readyz_after": ready_after,
         "lag_before_outage": lag_before_outage,
