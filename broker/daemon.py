@@ -60,7 +60,7 @@ from broker.store.migrate import upgrade
 from broker.store.nodes import NodeRepository
 from broker.store.repository import GrantRepository
 from broker.systemd import Notifier, activated_sockets, keepalive
-from broker.tasks import Tasks
+from broker.tasks import Tasks, wait_event
 
 READY_CHECK_TIMEOUT = 2.0
 STOP_REPORT_SECONDS = 5.0
@@ -221,8 +221,7 @@ class Daemon:
                 self.notifier.extend_timeout(delay + 10, "waiting for the database")
                 if self.stopping.is_set():
                     raise StartupError("stopped while waiting for the database") from None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
+                await wait_event(self.stopping, delay)
                 continue
             if attempt:
                 log.info("database_reached", attempts=attempt + 1)

@@ -35,12 +35,13 @@ from broker.metrics import Metrics
 from broker.model import Grant
 from broker.store.feed import PgListener
 from broker.store.repository import GrantRepository
-from broker.tasks import Tasks
+from broker.tasks import Tasks, wait_event
 
 POLL = 1.0
 SAFETY_POLL = 5.0
 FAST_POLL = 0.05
 ECHO_WAIT = 0.1  # at most this long for a claim's notice to come back before sending
+LATE = 1.0  # seconds: a change that took longer than this to arrive here is logged
 SYNC_PAGE = 2000  # rows read (and opened) at once when catching up with the store
 log = structlog.get_logger("broker.follower")
 
@@ -116,6 +117,14 @@ class Follower:
                 # New here, so written elsewhere: how long it took to arrive.
                 lag = (now - grant.updated_at).total_seconds()
                 self._metrics.fleet_change_lag.observe(max(0.0, lag))
+                if lag > LATE:
+                    log.info(
+                        "change_arrived_late",
+                        grant=grant.name,
+                        version=grant.version,
+                        lag_s=round(lag, 3),
+                        feed=self._listener is not None and self._listener.connected,
+                    )
         for gone in changes.deleted:
             cached = self._cache.get(gone.provider, gone.user)
             if cached is not None and cached.id == gone.grant_id:
@@ -143,8 +152,7 @@ class Follower:
     async def run(self, on_change: Callable[[], None]) -> None:
         """Follow the store until cancelled; `on_change` after each sync that published."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.poll_interval())
+            await wait_event(self._poke, self.poll_interval())
             self._poke.clear()
             before = self.seen_version
             await self.sync_now()

@@ -62,7 +62,7 @@ from broker.rotation import REPLAY_MARGIN, Attempt, Lease, Rotated, Rotation, To
 from broker.schedule import RefreshPolicy, backoff, replay_delay
 from broker.store.repository import GrantRepository
 from broker.store.rotations import Claim, ClaimOutcome
-from broker.tasks import Tasks
+from broker.tasks import Tasks, wait_event
 
 __all__ = [
     "LEASE",
@@ -291,8 +291,7 @@ class Refresher:
                         log.info("refresh_loop_store_available", after_failures=failures)
                     failures = 0
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                await wait_event(self._wake, delay)
         finally:
             follow.cancel()
 

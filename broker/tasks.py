@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import structlog
 
 T = TypeVar("T")
+RECANCEL_SECONDS = 1.0
 log = structlog.get_logger("broker.tasks")
 
 
@@ -36,11 +37,29 @@ class Tasks:
             log.debug("task_failed", task=task.get_name(), error=repr(task.exception()))
 
     async def cancel_all(self) -> None:
-        """Cancel every task still running and wait for them to end."""
+        """Cancel every task still running and wait for them to end.
+
+        A task that lives on is cancelled again every RECANCEL_SECONDS: on Python 3.11,
+        `asyncio.wait_for` can swallow a cancellation that arrives as its awaitable completes,
+        and a loop around it would otherwise run on forever.
+        """
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=RECANCEL_SECONDS)
+            tasks = list(pending)
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait at most `seconds` for `event`; whether it was set. Unlike `asyncio.wait_for` on
+    Python 3.11, a cancellation that arrives as the event is set is never lost."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
