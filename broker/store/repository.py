@@ -22,7 +22,7 @@ from broker.model import Grant, GrantState
 from broker.store.rotations import RotationWrites, notice
 from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer
-from broker.store.session import Database, stamp_versions, take_versions
+from broker.store.session import Database, stamp_writes, take_versions
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
 _IN_BATCH = 500  # values in one SQL IN (...), well under every backend's parameter limit
@@ -151,13 +151,14 @@ class GrantRepository(RotationWrites):
         try:
             async with self._db.write() as conn:
                 await conn.execute(insert(grants).values(**values))
-                version = (await stamp_versions(conn, [grant.id]))[grant.id]
+                stamps = await stamp_writes(conn, [grant.id], self._db.now(now))
+                version, updated_at = stamps[grant.id]
                 await self._db.notify(conn, [notice(grant.id, version)])
         except IntegrityError:
             raise ConflictError(
                 f"grant {grant.name} was created by someone else meanwhile"
             ) from None
-        return replace(grant, key_id=values["key_id"], version=version)
+        return replace(grant, key_id=values["key_id"], version=version, updated_at=updated_at)
 
     async def store_many(
         self, new: list[Grant], replacing: list[tuple[Grant, int]], now: datetime
@@ -195,8 +196,10 @@ class GrantRepository(RotationWrites):
                     if result.rowcount != 1:
                         raise ConflictError(f"grant {grant.name} changed meanwhile")
                     stored.append(replace(made, key_id=values["key_id"]))
-                versions = await stamp_versions(conn, [g.id for g in stored])
-                stored = [replace(g, version=versions[g.id]) for g in stored]
+                stamps = await stamp_writes(conn, [g.id for g in stored], self._db.now(now))
+                stored = [
+                    replace(g, version=stamps[g.id][0], updated_at=stamps[g.id][1]) for g in stored
+                ]
                 await self._db.notify(conn, [notice(g.id, g.version) for g in stored])
         except IntegrityError:
             raise ConflictError("a grant of this import was created by someone else") from None
@@ -219,9 +222,11 @@ class GrantRepository(RotationWrites):
                     f"grant {grant.name} changed under us "
                     f"(expected generation {expected_generation})"
                 )
-            version = (await stamp_versions(conn, [grant.id]))[grant.id]
+            version, updated_at = (await stamp_writes(conn, [grant.id], self._db.now(now)))[
+                grant.id
+            ]
             await self._db.notify(conn, [notice(grant.id, version)])
-        return replace(new, key_id=values["key_id"], version=version)
+        return replace(new, key_id=values["key_id"], version=version, updated_at=updated_at)
 
     async def delete(self, grant_id: str, now: datetime) -> bool:
         """Delete a grant row, recording the deletion in the change sequence; True if it existed."""

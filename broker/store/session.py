@@ -174,23 +174,16 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
     return int(result.scalar_one())
 
 
-async def stamp_versions(conn: AsyncConnection, grant_ids: Sequence[str]) -> dict[str, int]:
-    """Give each of these rows, written earlier in this transaction, the next value of the
-    change sequence, in the order given (see `take_versions`); their versions."""
-    return {
-        grant_id: version
-        for grant_id, (version, _) in (await stamp_writes(conn, grant_ids)).items()
-    }
-
-
 async def stamp_writes(
     conn: AsyncConnection,
     grant_ids: Sequence[str],
     at: ColumnElement[datetime] | None = None,
 ) -> dict[str, tuple[int, datetime]]:
-    """`stamp_versions`, and with `at` (the store's "now") also `updated_at`: the instant the
-    write took its place in the change sequence, right before its commit, which is what other
-    brokers measure their lag from. Each row's version and updated_at."""
+    """Give each of these rows, written earlier in this transaction, the next value of the
+    change sequence, in the order given (see `take_versions`), and with `at` (the store's
+    "now") also `updated_at`: the instant the write took its place in the sequence, right
+    before its commit, which is what other brokers measure their lag from. Each row's version
+    and updated_at."""
     if not grant_ids:
         return {}
     first = await take_versions(conn, len(grant_ids)) - len(grant_ids) + 1
