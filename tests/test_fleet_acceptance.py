@@ -375,13 +375,21 @@ class FleetRun:
 
 
 def _quantile(buckets: dict[float, float], count: float, q: float) -> float:
-    """The upper bound of the histogram bucket holding quantile `q` (an upper estimate)."""
+    """Quantile `q` of a histogram's cumulative buckets as PromQL's histogram_quantile gives it
+    (what a dashboard of the metric shows): linear within the bucket that holds it; in the +Inf
+    bucket, the highest finite bound."""
     if count <= 0:
         return 0.0
+    rank = q * count
+    lower, below = 0.0, 0.0
     for bound in sorted(buckets):
-        if buckets[bound] >= q * count:
-            return bound
-    return float("inf")
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = buckets[bound] - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, buckets[bound]
+    return lower
 
 
 def unexcused(traffic: Traffic, calls: Sequence[RefreshCall]) -> list[str]:
