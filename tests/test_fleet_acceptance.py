@@ -3,7 +3,8 @@
 The fleet of the Fleet section of CONTRACT.md: three `token-broker serve` processes on one
 PostgreSQL database (a cluster of the test's own, which it stops and restarts), one of them
 under a wall clock 3 s ahead of the others (libfaketime, tests/fakeclock.py), 30 grants (or
-TOKEN_BROKER_FLEET_GRANTS) with 6-second access tokens at the IdP (reuse protection on), and
+TOKEN_BROKER_FLEET_GRANTS) with 6-second access tokens (or TOKEN_BROKER_FLEET_LIFETIME) at the
+IdP (reuse protection on), and
 client loops fetching tokens from all three for 120 s (or TOKEN_BROKER_FLEET_SECONDS), a share
 of them with a `min_ttl` that forces an off-schedule refresh. What is checked comes from
 outside the brokers:
@@ -71,12 +72,14 @@ django_idp_factory = idp_fixture.django_idp_factory
 
 pytestmark = [pytest.mark.slow, pytest.mark.fleet]
 
-# The scenario of the fleet issue. About 8 refreshes a second at the IdP: what this 2-core
-# machine does while it also runs the IdP, PostgreSQL and the clients; at 200 grants the IdP
-# falls behind, tokens are served near their expiry and the figures measure the saturation.
+# 30 grants of 6-second tokens: about 8 refreshes a second at the IdP, which this 2-core machine
+# sustains while it also runs PostgreSQL, three brokers and the clients. The fleet issue's
+# acceptance asks for 200 grants of 5-second tokens (TOKEN_BROKER_FLEET_GRANTS=200
+# TOKEN_BROKER_FLEET_LIFETIME=5): 67 refreshes a second, more than django-oauth-toolkit answers
+# here, so tokens are served near their expiry and the figures measure the IdP's saturation.
 GRANTS = int(os.environ.get("TOKEN_BROKER_FLEET_GRANTS", "30"))
 SECONDS = float(os.environ.get("TOKEN_BROKER_FLEET_SECONDS", "120"))
-LIFETIME = 6
+LIFETIME = int(os.environ.get("TOKEN_BROKER_FLEET_LIFETIME", "6"))
 SKEW = 3.0  # seconds node "c"'s wall clock runs ahead
 SETTINGS = RefreshSettings(lifetime_fraction=0.6, min_margin="1s", jitter=0.1, max_concurrency=16)
 LOOPS_PER_NODE = 3
