@@ -93,6 +93,8 @@ async def test_cli_device_login_prints_the_uri_and_the_code_alone_and_exits_0_on
         page = await enter_user_code(uri, USER, "alice-password", user_code=code)
         assert page.heading == "Device Authorized"
         status, rest, err = await finish(command)
+        # What a person sees (-s shows it), the code masked.
+        print(f"\n[device_login_cli] stdout:\n{uri}\n{'*' * len(code)}\nstderr:\n{err}", flush=True)
         assert status == 0, err
         assert rest == ""
         assert "open this page and enter the code" in err
