@@ -362,8 +362,8 @@ class FleetRun:
                     count += value
         return {
             "samples": count,
-            "p50_ms": _quantile(buckets, count, 0.5) * 1000,
-            "p99_ms": _quantile(buckets, count, 0.99) * 1000,
+            "p50_ms": round(_quantile(buckets, count, 0.5) * 1000, 1),
+            "p99_ms": round(_quantile(buckets, count, 0.99) * 1000, 1),
         }
 
     async def states(self) -> Counter[str]:
