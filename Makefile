@@ -46,7 +46,7 @@ pytest: $(STAMP)  ## the tests (starts its own PostgreSQL when the server binari
 faults: $(STAMP)  ## the fault matrix (every fault x grace x store, ~8 min); prints the table
 	$(BIN)/pytest -m faults tests/test_faults.py
 
-fleet: $(STAMP)  ## three brokers on one PostgreSQL at the real IdP, with kills and outages (~12 min)
+fleet: $(STAMP)  ## three brokers on one PostgreSQL at the real IdP, with kills and outages (~7 min)
 	$(BIN)/pytest -m fleet tests/test_fleet_acceptance.py -s
 
 acceptance: faults fleet  ## the long acceptance runs CI makes after `make test`
