@@ -157,15 +157,15 @@ class Fleet:
         while self.peers and time.monotonic() < deadline:
             members = await self.nodes.members(self._clock())
             registered = next((m.heartbeat_at for m in members if m.info.id == self.me.id), None)
-            if registered is None or not [
-                m
+            unaware = registered is not None and any(
+                m.alive and m.info.id in self.peers and m.heartbeat_at <= registered
                 for m in members
-                if m.alive and m.info.id in self.peers and m.heartbeat_at <= registered
-            ]:
-                # Their surveys run right after the heartbeats just seen: give them that moment.
-                await asyncio.sleep(SURVEY_MOMENT)
-                return
+            )
+            # When none is left, their surveys run right after the heartbeats just seen: this
+            # pause gives them that moment.
             await asyncio.sleep(SURVEY_MOMENT)
+            if not unaware:
+                return
         if self.peers and self._known_wait > 0:
             log.warning("node_not_yet_known_by_peers", node=self.me.id, peers=len(self.peers))
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
 from broker.errors import ConflictError, StoreUnavailable
-from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.model import Grant, Secret, TokenSet
 from broker.store.group import GroupCommit
 from broker.store.repository import GrantRepository
 from broker.store.rotations import _Commit
 from broker.tasks import Tasks
+from tests.test_follower import new_grant
 
 NOW = datetime.now(UTC)
 
@@ -93,19 +94,6 @@ async def test_a_write_whose_submitter_gave_up_before_its_batch_is_dropped() -> 
     assert ledger.batches == [[0], [4]]
 
 
-def grant_for(user: str) -> Grant:
-    return Grant(
-        id="",
-        provider="p",
-        user=user,
-        state=GrantState.ACTIVE,
-        generation=0,
-        tokens=TokenSet(refresh_token=Secret(f"rt-{user}"), access_token=Secret(f"at-{user}")),
-        access_expires_at=NOW + timedelta(hours=1),
-        next_refresh_at=NOW + timedelta(minutes=45),
-    )
-
-
 class CountingRepository(GrantRepository):
     """The real repository, counting the transactions that commit refreshes."""
 
@@ -122,7 +110,7 @@ async def test_refreshes_ending_together_are_committed_in_few_transactions(
     """Fifty commits at once: each lands at generation + 1 with a version of its own, a stale
     one is refused alone, and they take far fewer than fifty transactions."""
     repo = CountingRepository(engine, keyring)
-    stored = [await repo.insert(grant_for(f"u{i}"), NOW) for i in range(50)]
+    stored = [await repo.insert(new_grant(f"u{i}"), NOW) for i in range(50)]
     renewed = [
         replace(g, tokens=TokenSet(Secret(f"rt2-{i}"), Secret(f"at2-{i}")))
         for i, g in enumerate(stored)

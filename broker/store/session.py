@@ -177,24 +177,21 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
 async def stamp_writes(
     conn: AsyncConnection,
     grant_ids: Sequence[str],
-    at: ColumnElement[datetime] | None = None,
+    at: ColumnElement[datetime],
 ) -> dict[str, tuple[int, datetime]]:
     """Give each of these rows, written earlier in this transaction, the next value of the
-    change sequence, in the order given (see `take_versions`), and with `at` (the store's
-    "now") also `updated_at`: the instant the write took its place in the sequence, right
+    change sequence, in the order given (see `take_versions`), and `updated_at` = `at` (the
+    store's "now"): the instant the write took its place in the sequence, right
     before its commit, which is what other brokers measure their lag from. Each row's version
     and updated_at."""
     if not grant_ids:
         return {}
     first = await take_versions(conn, len(grant_ids)) - len(grant_ids) + 1
     versions = {grant_id: first + i for i, grant_id in enumerate(grant_ids)}
-    values: dict[str, Any] = {"version": case(versions, value=grants.c.id)}
-    if at is not None:
-        values["updated_at"] = at
     result = await conn.execute(
         update(grants)
         .where(grants.c.id.in_(list(versions)))
-        .values(**values)
+        .values(version=case(versions, value=grants.c.id), updated_at=at)
         .returning(grants.c.id, grants.c.updated_at)
     )
     return {row.id: (versions[row.id], row.updated_at) for row in result}
