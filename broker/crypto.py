@@ -61,6 +61,8 @@ class Keyring:
 
     primary: str
     keys: Mapping[str, bytes] = field(repr=False)
+    # One cipher object per key, made once: building one costs more than a decryption.
+    _ciphers: Mapping[str, AESGCM] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.primary not in self.keys:
@@ -71,6 +73,8 @@ class Keyring:
             if len(key) != KEY_BYTES:
                 raise KeyringError(f"key {key_id!r} is not {KEY_BYTES} bytes long")
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+        ciphers = {key_id: AESGCM(key) for key_id, key in self.keys.items()}
+        object.__setattr__(self, "_ciphers", MappingProxyType(ciphers))
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary!r}, key_ids={sorted(self.keys)!r})"
@@ -96,14 +100,14 @@ class Keyring:
         header = bytes([ENVELOPE_VERSION, len(key_id)]) + key_id
         nonce = os.urandom(NONCE_BYTES)
         aad = _aad(header, table, row_id, column)
-        ciphertext = AESGCM(self.keys[self.primary]).encrypt(nonce, plaintext.encode(), aad)
+        ciphertext = self._ciphers[self.primary].encrypt(nonce, plaintext.encode(), aad)
         return header + nonce + ciphertext
 
     def open(self, envelope: bytes, *, table: str, row_id: str, column: str) -> str:
         """Decrypt an envelope sealed for exactly this table, row and column."""
         key_id = envelope_key_id(envelope)
-        key = self.keys.get(key_id)
-        if key is None:
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
             raise DecryptError(
                 f"{table}.{column} of row {row_id} is sealed with key {key_id!r}, "
                 "which is not in the keyring"
@@ -113,7 +117,7 @@ class Keyring:
         nonce = envelope[header_end : header_end + NONCE_BYTES]
         ciphertext = envelope[header_end + NONCE_BYTES :]
         try:
-            plaintext = AESGCM(key).decrypt(nonce, ciphertext, _aad(header, table, row_id, column))
+            plaintext = cipher.decrypt(nonce, ciphertext, _aad(header, table, row_id, column))
         except InvalidTag:
             raise DecryptError(
                 f"{table}.{column} of row {row_id} does not open with key {key_id!r}: "

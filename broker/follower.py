@@ -58,6 +58,7 @@ class Follower:
         *,
         listener: PgListener | None = None,
         shared: Callable[[], bool] = lambda: False,
+        probe: Callable[[], object] | None = None,
     ) -> None:
         self._repository = repository
         self._cache = cache
@@ -65,6 +66,9 @@ class Follower:
         self._clock = clock
         self._listener = listener
         self._shared = shared  # whether other live brokers share the store now
+        self._probe = probe  # a fingerprint of the store's files (SQLite): unchanged, no query
+        self._probed: object = None
+        self._read_at = 0.0  # monotonic time of the last sync that read the store
         self._notices: dict[str, int] = {}  # grant id -> newest version announced
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._syncing: asyncio.Task[None] | None = None
@@ -104,6 +108,8 @@ class Follower:
     async def sync(self) -> None:
         """Publish what anyone wrote or deleted since the last version seen, a page at a
         time (a first load of many grants never holds all their rows at once)."""
+        if self._probe is not None:  # taken before the read: a commit during it shows later
+            self._probed, self._read_at = self._probe(), time.monotonic()
         while await self._sync_page():
             pass
         self.loaded = True
@@ -149,11 +155,21 @@ class Follower:
             return SAFETY_POLL
         return FAST_POLL if self._shared() else POLL
 
+    def _unchanged(self) -> bool:
+        """Whether the store's files show no commit since the last read (and that read is
+        recent enough to trust the fingerprint); always False without a probe."""
+        if self._probe is None:
+            return False
+        probed, self._probed = self._probed, self._probe()
+        return probed == self._probed and time.monotonic() - self._read_at < SAFETY_POLL
+
     async def run(self, on_change: Callable[[], None]) -> None:
         """Follow the store until cancelled; `on_change` after each sync that published."""
         while True:
-            await wait_event(self._poke, self.poll_interval())
+            poked = await wait_event(self._poke, self.poll_interval())
             self._poke.clear()
+            if not poked and not self._waiters and self._unchanged():
+                continue
             before = self.seen_version
             await self.sync_now()
             if self.seen_version != before:

@@ -10,7 +10,6 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +44,7 @@ from broker.model import (
 from broker.refresher import Refresher
 from broker.schedule import ROTATION_LOST, RefreshPolicy, due_at, needs_refresh
 from broker.store.repository import GrantRepository
+from broker.tally import GrantTally
 
 # How long a caller should wait before asking again for a grant whose token has expired.
 RETRY_AFTER_SECONDS = 30
@@ -119,6 +119,10 @@ class GrantService:
         self._providers = providers
         self._clients = clients if clients is not None else {}
         self._cache = cache if cache is not None else GrantCache()
+        self._tally = GrantTally(self._cache.by_id)
+        for grant in self._cache:
+            self._tally.update(None, grant)
+        self._cache.subscribe(self._tally.update)
         self._refresher = refresher
         self._policy = policy or RefreshPolicy()
         self._clock = clock
@@ -528,15 +532,7 @@ class GrantService:
 
     def gauges(self, now: datetime) -> GrantGauges:
         """Counts by provider and state, and the least access-token life per provider."""
-        by_state: Counter[tuple[str, str]] = Counter()
-        min_ttl: dict[str, float] = {}
-        for grant in self._cache:
-            state = grant.effective_state(now)
-            by_state[(grant.provider, state.value)] += 1
-            if state is GrantState.ACTIVE:
-                ttl = grant.access_ttl(now)
-                min_ttl[grant.provider] = min(ttl, min_ttl.get(grant.provider, ttl))
-        return GrantGauges(by_state=dict(by_state), min_ttl=min_ttl)
+        return self._tally.gauges(now)
 
     def unusable(self, names: Iterable[str], now: datetime) -> list[str]:
         """Why each of these PROVIDER/USER grants could not be served now; empty when all can.

@@ -10,17 +10,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.cache import GrantCache
 from broker.config import StoreConfig
 from broker.crypto import Keyring
-from broker.follower import Follower
+from broker.follower import POLL, Follower
 from broker.metrics import Metrics
 from broker.model import Grant, GrantState, Secret, TokenSet
-from broker.store.engine import create_engine, listener_params
+from broker.store.engine import create_engine, file_probe, listener_params
 from broker.store.feed import PgListener, parse_notice
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository
@@ -224,3 +226,62 @@ def test_only_well_formed_notices_are_read(
 ) -> None:
     """A notice is `GRANT_ID VERSION [deleted]`; anything else on the channel is ignored."""
     assert parse_notice(payload) == parsed
+
+
+async def test_the_file_probe_moves_with_every_commit_by_anyone(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """A SQLite store's fingerprint changes when another connection commits, and only then."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}"
+    probe = file_probe(url)
+    assert probe is not None
+    assert file_probe("sqlite://") is None  # in memory: nothing to look at
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        repository = GrantRepository(engine, keyring)
+        before = probe()
+        assert probe() == before
+        await repository.insert(new_grant("alice"), NOW)
+        after = probe()
+        assert after != before
+        await repository.all()  # a read commits nothing
+        assert probe() == after
+    finally:
+        await engine.dispose()
+
+
+async def test_a_follower_with_a_probe_reads_only_when_the_store_changed(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """While the files stand still the follower does not query (an idle broker costs nothing);
+    a commit by another process is still published within a poll."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}"
+    here_engine, there_engine = create_engine(url), create_engine(url)
+    queries: list[str] = []
+
+    def count(*args: object) -> None:
+        queries.append(str(args[2]))
+
+    event.listen(here_engine.sync_engine, "before_cursor_execute", count)
+    tasks = Tasks()
+    try:
+        await upgrade(there_engine)
+        here, there = GrantRepository(here_engine, keyring), GrantRepository(there_engine, keyring)
+        cache = GrantCache()
+        follower = Follower(
+            here, cache, Metrics(["p"]), lambda: datetime.now(UTC), probe=file_probe(url)
+        )
+        await follower.sync()
+        queries.clear()
+        published = asyncio.Event()
+        tasks.spawn(follower.run(published.set), "follow")
+        await asyncio.sleep(POLL * 2.5)  # two polls with nothing written
+        assert [q for q in queries if "FROM grants" in q] == []
+        grant = await there.insert(new_grant("alice"), NOW)
+        await asyncio.wait_for(published.wait(), POLL * 3)
+        assert cache.get("p", "alice") == grant
+    finally:
+        await tasks.cancel_all()
+        await here_engine.dispose()
+        await there_engine.dispose()

@@ -17,6 +17,7 @@ asyncpg, which reads it as libpq does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,36 @@ def _wire_sqlite(engine: AsyncEngine) -> None:
 def store_engine(store: StoreConfig) -> AsyncEngine:
     """The engine for the `[store]` table: its URL, password file and pool size."""
     return create_engine(store.url, password_file=store.password_file, pool_size=store.pool_size)
+
+
+def file_probe(url: str) -> Callable[[], object] | None:
+    """For a SQLite store in a file: a fingerprint of its files that changes with every commit
+    by anyone (the write-ahead log grows or is rewritten, the database file changes when the
+    log is checkpointed into it), read with two stat calls and no query. None for other stores.
+
+    The follower reads the change sequence only when the fingerprint moved, so an idle broker
+    does not query its store every second. A fingerprint can stay equal across a commit in
+    the rare case the log is rewritten to the very same size within one timestamp tick; the
+    follower therefore still reads the sequence every few seconds whatever the fingerprint.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    database = Path(parsed.database)
+    files = (database, database.with_name(database.name + "-wal"))
+
+    def probe() -> object:
+        marks: list[tuple[int, int, int] | None] = []
+        for path in files:
+            try:
+                info = path.stat()
+            except OSError:
+                marks.append(None)
+            else:
+                marks.append((info.st_size, info.st_mtime_ns, info.st_ino))
+        return tuple(marks)
+
+    return probe
 
 
 def listener_params(store: StoreConfig) -> tuple[str, dict[str, Any]]:

@@ -19,6 +19,36 @@ from broker.store.sealing import Sealer
 from broker.store.tables import GRANT_SEALED_COLUMNS, grants
 
 _TOKEN_COLUMNS = ("refresh_token", "access_token", "id_token")
+_NO_CLAIMS: dict[str, object] = {}  # shared by every grant without claims; never mutated
+
+
+class _Interned:
+    """One copy of each value that many rows repeat (provider names, scope lists, token types,
+    key ids), so 100,000 cached grants do not hold 100,000 copies of "Bearer"."""
+
+    __slots__ = ("_scopes", "_strings")
+
+    def __init__(self) -> None:
+        self._strings: dict[str, str] = {}
+        self._scopes: dict[str, tuple[str, ...]] = {}
+
+    def string(self, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(self._strings) > _INTERN_LIMIT:  # values that do not repeat after all
+            self._strings.clear()
+        return self._strings.setdefault(value, value)
+
+    def scopes(self, text: str) -> tuple[str, ...]:
+        found = self._scopes.get(text)
+        if found is None:
+            if len(self._scopes) > _INTERN_LIMIT:
+                self._scopes.clear()
+            found = self._scopes[text] = tuple(self.string(s) or s for s in text.split())
+        return found
+
+
+_INTERN_LIMIT = 4096
 
 
 class GrantRows:
@@ -26,6 +56,7 @@ class GrantRows:
 
     def __init__(self, sealer: Sealer) -> None:
         self.sealer = sealer
+        self._interned = _Interned()
 
     def plain(self, grant: Grant) -> dict[str, Any]:
         """The columns that are stored as they are."""
@@ -86,9 +117,10 @@ class GrantRows:
             return None if value is None else Secret(value)
 
         claims_text = open_("claims")
+        interned = self._interned
         return Grant(
             id=m["id"],
-            provider=m["provider"],
+            provider=interned.string(m["provider"]) or "",
             user=m["user_name"],
             sub=m["sub"],
             state=GrantState(m["state"]),
@@ -98,13 +130,13 @@ class GrantRows:
                 access_token=secret("access_token"),
                 id_token=secret("id_token"),
             ),
-            scopes=tuple(m["scopes"].split()),
-            token_type=m["token_type"],
+            scopes=interned.scopes(m["scopes"]),
+            token_type=interned.string(m["token_type"]) or "",
             access_expires_at=m["access_expires_at"],
             next_refresh_at=m["next_refresh_at"],
             last_error=m["last_error"],
-            key_id=m["key_id"],
-            claims=json.loads(claims_text) if claims_text else {},
+            key_id=interned.string(m["key_id"]),
+            claims=json.loads(claims_text) if claims_text else _NO_CLAIMS,
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             access_issued_at=m["access_issued_at"],
