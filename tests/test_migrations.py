@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.errors import StoreError
 from broker.store.engine import create_engine
-from broker.store.migrate import current_revision, head_revision, require_current, upgrade
+from broker.store.migrate import (
+    HEAD,
+    current_revision,
+    head_revision,
+    require_current,
+    upgrade,
+)
 from broker.store.tables import grants, metadata
 
 
@@ -53,6 +62,38 @@ async def test_upgrade_takes_an_empty_store_to_head(engine: AsyncEngine) -> None
     assert await current_revision(engine) is None
     assert await upgrade(engine) == (None, head_revision())
     assert await current_revision(engine) == head_revision()
+
+
+def test_head_names_the_newest_script() -> None:
+    """The constant a current store is checked against without Alembic is the scripts' head."""
+    assert head_revision() == HEAD
+
+
+def test_starting_on_a_current_store_does_not_load_alembic(tmp_path: Path) -> None:
+    """`upgrade` of a store already at head answers from one query; Alembic stays unimported."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}"
+    program = (
+        "import asyncio, sys\n"
+        "from broker.store.engine import create_engine\n"
+        "from broker.store.migrate import upgrade\n"
+        "async def main():\n"
+        f"    engine = create_engine({url!r})\n"
+        "    result = await upgrade(engine)\n"
+        "    await engine.dispose()\n"
+        "    return result\n"
+        "result = asyncio.run(main())\n"
+        "print(result[0], result[1], 'alembic' in sys.modules)\n"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", program], check=False, capture_output=True, text=True
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", program], check=False, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.split() == ["None", HEAD, "True"]  # migrated: Alembic did it
+    assert second.stdout.split() == [HEAD, HEAD, "False"]  # current: one query
 
 
 async def test_second_upgrade_is_a_no_op(engine: AsyncEngine) -> None:
