@@ -16,7 +16,17 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Interval, case, func, literal, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    bindparam,
+    func,
+    literal,
+    select,
+    text,
+    type_coerce,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -174,6 +184,18 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
     return int(result.scalar_one())
 
 
+_STAMP_ONE = (
+    update(grants)
+    .where(grants.c.id == bindparam("stamp_id"))
+    .values(version=bindparam("stamp_version"))
+)
+_STAMP_MANY = (
+    update(grants)
+    .where(grants.c.id == bindparam("stamp_id"))
+    .values(version=bindparam("stamp_version"), updated_at=bindparam("stamp_at", type_=UTCDateTime))
+)
+
+
 async def stamp_writes(
     conn: AsyncConnection,
     grant_ids: Sequence[str],
@@ -183,15 +205,26 @@ async def stamp_writes(
     change sequence, in the order given (see `take_versions`), and `updated_at` = `at` (the
     store's "now"): the instant the write took its place in the sequence, right
     before its commit, which is what other brokers measure their lag from. Each row's version
-    and updated_at."""
+    and updated_at.
+
+    The statements are the same whatever the ids, so they are compiled once: one row is one
+    UPDATE ... RETURNING; several are one reading of `at` and one executemany.
+    """
     if not grant_ids:
         return {}
     first = await take_versions(conn, len(grant_ids)) - len(grant_ids) + 1
-    versions = {grant_id: first + i for i, grant_id in enumerate(grant_ids)}
-    result = await conn.execute(
-        update(grants)
-        .where(grants.c.id.in_(list(versions)))
-        .values(version=case(versions, value=grants.c.id), updated_at=at)
-        .returning(grants.c.id, grants.c.updated_at)
+    if len(grant_ids) == 1:
+        result = await conn.execute(
+            _STAMP_ONE.values(updated_at=at).returning(grants.c.updated_at),
+            {"stamp_id": grant_ids[0], "stamp_version": first},
+        )
+        return {grant_ids[0]: (first, result.scalar_one())}
+    when: datetime = (await conn.execute(select(type_coerce(at, UTCDateTime)))).scalar_one()
+    await conn.execute(
+        _STAMP_MANY,
+        [
+            {"stamp_id": grant_id, "stamp_version": first + i, "stamp_at": when}
+            for i, grant_id in enumerate(grant_ids)
+        ],
     )
-    return {row.id: (versions[row.id], row.updated_at) for row in result}
+    return {grant_id: (first + i, when) for i, grant_id in enumerate(grant_ids)}

@@ -51,6 +51,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         # SQLite keeps text; dropping the zone keeps its ordering lexicographic and uniform.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # The text SQLAlchemy's SQLite DATETIME writes ("YYYY-MM-DD HH:MM:SS.ffffff", UTC),
+        # made in one step: imports and group commits bind thousands of these at once.
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
+            return value.astimezone(UTC).isoformat(" ", "microseconds")[:-6]  # no "+00:00"
+
+        return process
+
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
