@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 SLEW = 0.0005  # seconds of correction per second at most
 STEP_THRESHOLD = 1.0  # seconds between steady and reference time that count as a step
+FRESH = 0.001  # seconds for which one reading answers again (see SteadyClock.__call__)
 
 
 def utcnow() -> datetime:
@@ -52,8 +53,15 @@ class SteadyClock:
         self._reported = False
 
     def __call__(self) -> datetime:
-        """Now, in UTC: never earlier than any earlier answer, never stepped."""
+        """Now, in UTC: never earlier than any earlier answer, never stepped.
+
+        Within `FRESH` seconds of the last full reading the same instant is answered again:
+        a busy token path reads the clock for every request, and no decision the broker takes
+        turns on a millisecond.
+        """
         mono = self._monotonic()
+        if 0.0 <= mono - self._at < FRESH:
+            return self._base
         elapsed = max(0.0, mono - self._at)
         steady = self._base + timedelta(seconds=elapsed)
         offset = (self._reference() - steady).total_seconds()

@@ -141,19 +141,21 @@ class GrantService:
             self._cache.put(grant)
         return len(self._cache)
 
-    def ready(self, provider: str, user: str) -> Grant | None:
+    def ready(self, provider: str, user: str, now: datetime | None = None) -> Grant | None:
         """The grant whose access token `token` would serve at once with no `min_ttl`, without
         waiting on anything or asking the store; None when `token` has more to do (or to say).
 
         The token path's steady state: an active grant, cached, not being refreshed here or
         elsewhere as far as this process knows, not near its refresh time (where `token` asks
-        the store), with a live access token.
+        the store), with a live access token. `now`: the clock's reading, when the caller has
+        one already.
         """
         grant = self._cache.get(provider, user)
         if grant is None or grant.state is not GrantState.ACTIVE or grant.intent_at is not None:
             return None
         refresher = self._refresher
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         if refresher is not None:
             if (
                 refresher.commit_pending(grant.id)

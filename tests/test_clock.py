@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from broker.clock import SLEW, SteadyClock
+from broker.clock import FRESH, SLEW, SteadyClock
 
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
@@ -102,6 +102,23 @@ def test_a_second_step_after_catching_up_is_reported_again() -> None:
         hands.tick(100)
         clock()
     hands.step(-5)
+    hands.tick(FRESH)  # a reading within FRESH of the last one answers that one again
     clock()
     assert len(steps) == 2
     assert steps[1] == pytest.approx(-5, abs=0.01)
+
+
+def test_readings_within_a_millisecond_are_one_instant() -> None:
+    """The token path reads the clock per request; within FRESH the last instant is answered
+    again, and the next reading after it moves on (never back)."""
+    hands = Hands()
+    clock = steady(hands)
+    first = clock()
+    hands.tick(FRESH / 2)
+    assert clock() == first
+    hands.tick(FRESH)
+    later = clock()
+    assert later > first
+    assert later - first == pytest.approx(
+        timedelta(seconds=1.5 * FRESH), abs=timedelta(microseconds=2)
+    )

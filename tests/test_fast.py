@@ -8,14 +8,20 @@ second request on one keep-alive connection is the first the fast path can answe
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from broker.api.app import FAST
+from broker.api.handlers import token_body
+from broker.model import Grant, GrantState, Secret, TokenSet
 from tests.test_api import Api, Reply, _sample, served_api
 
 PROVIDER, USER = "techniek", "alice"
@@ -139,3 +145,36 @@ async def test_a_percent_encoded_name_is_left_to_the_router(api: Api) -> None:
     assert answered(api) == before
     assert response.status == 200
     assert body["user"] == USER
+
+
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200)
+@given(texts, texts, texts, texts, st.integers(0, 10**9))
+def test_the_body_put_together_around_expires_in_is_the_json_of_the_whole(
+    token: str, token_type: str, provider: str, user: str, expires_in: int
+) -> None:
+    """The parts kept per grant version, with the number between them, are byte for byte what
+    one json.dumps of the whole answer gives, whatever the strings hold (quotes, escapes)."""
+    grant = Grant(
+        id="0" * 32,
+        provider=provider,
+        user=user,
+        state=GrantState.ACTIVE,
+        generation=1,
+        tokens=TokenSet(access_token=Secret(token)),
+        scopes=("a", "b"),
+        token_type=token_type,
+        access_expires_at=datetime(2026, 12, 6, 12, tzinfo=UTC),
+    )
+    whole = {
+        "access_token": token,
+        "token_type": token_type,
+        "expires_in": expires_in,
+        "expires_at": "2026-12-06T12:00:00Z",
+        "scope": "a b",
+        "provider": provider,
+        "user": user,
+    }
+    assert token_body(grant, expires_in) == json.dumps(whole).encode()

@@ -7,10 +7,11 @@ answers exactly those, with what the full route would answer, byte for byte:
 
 - the caller is the one the connection's peer credentials name (read once per connection, by
   the full route on the connection's first request), and what it may fetch is remembered per
-  connection and grant until the client rules are reloaded (`Policy.generation`);
+  caller and grant until the client rules are reloaded (`Policy.generation`);
 - the grant is one `GrantService.ready` returns: the full route would serve it at once, with no
   wait, no store check and nothing else to say;
-- the body and headers are built once per grant version and second of `expires_in`.
+- the headers and the body around `expires_in` are built once per grant version; the body is
+  put together once per second of `expires_in`; the clock is read once per request.
 
 Everything else goes on to the application unchanged: another method or path, a query
 (`min_ttl`, `wait`), `If-None-Match`, a body, a percent-encoded name, a TCP connection, a
@@ -33,7 +34,7 @@ from multidict import CIMultiDict
 from prometheus_client.metrics import Counter
 
 from broker.api.context import CLOCK, METRICS, POLICY, SERVICE
-from broker.api.handlers import NO_STORE, token_body
+from broker.api.handlers import NO_STORE, token_body_around
 from broker.api.identity import Caller, Peer
 from broker.api.watch import etag
 from broker.model import Grant
@@ -51,15 +52,25 @@ class _Connection:
 
     generation: int
     caller: Caller
-    allowed: dict[tuple[str, str], bool]
+    allowed: dict[tuple[str, str], bool]  # shared by every connection of the same caller
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Body:
+    """One grant version's answer: the body around `expires_in`, the headers, the last body."""
+
     grant: Grant
-    expires_in: int
-    body: bytes
+    head: bytes
+    tail: bytes
     headers: CIMultiDict[str]
+    expires_in: int = -1
+    body: bytes = b""
+
+    def at(self, expires_in: int) -> bytes:
+        if expires_in != self.expires_in:
+            self.body = self.head + str(expires_in).encode() + self.tail
+            self.expires_in = expires_in
+        return self.body
 
 
 class FastTokens:
@@ -72,6 +83,8 @@ class FastTokens:
         self._clock = app[CLOCK]
         self._peers = peers
         self._connections: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDictionary()
+        self._allowed: dict[Caller, dict[tuple[str, str], bool]] = {}
+        self._allowed_generation = -1
         self._bodies: dict[str, _Body] = {}
         self._served: dict[str, Counter] = {}
         self.answered = 0  # requests answered here rather than by the application
@@ -120,12 +133,13 @@ class FastTokens:
             allowed = connection.allowed[key] = connection.caller.may_fetch(provider, user)
         if not allowed:
             return None
-        grant = self._service.ready(provider, user)
+        now = self._clock()
+        grant = self._service.ready(provider, user, now)
         if grant is None:
             return None
         body = self._body(grant)
         self._counter(provider).inc()
-        response = web.Response(body=body.body, headers=body.headers)
+        response = web.Response(body=body.at(int(grant.access_ttl(now))), headers=body.headers)
         self._metrics.token_request_duration.observe(time.perf_counter() - started)
         self.answered += 1
         return response
@@ -141,21 +155,23 @@ class FastTokens:
         if peer is None:
             return None
         caller = self._policy.unix_caller(peer.uid, peer.gid, peer.groups)
-        connection = self._connections[transport] = _Connection(generation, caller, {})
+        if self._allowed_generation != generation:
+            self._allowed, self._allowed_generation = {}, generation
+        allowed = self._allowed.setdefault(caller, {})
+        connection = self._connections[transport] = _Connection(generation, caller, allowed)
         return connection
 
     def _body(self, grant: Grant) -> _Body:
-        expires_in = int(grant.access_ttl(self._clock()))
         cached = self._bodies.get(grant.id)
-        if cached is not None and cached.grant is grant and cached.expires_in == expires_in:
+        if cached is not None and cached.grant is grant:
             return cached
         if len(self._bodies) >= MAX_BODIES:
             self._bodies.clear()
         headers = CIMultiDict(NO_STORE)
         headers["Content-Type"] = "application/json"
         headers["ETag"] = etag(grant)
-        body = _Body(grant, expires_in, token_body(grant, expires_in), headers)
-        self._bodies[grant.id] = body
+        head, tail = token_body_around(grant)
+        body = self._bodies[grant.id] = _Body(grant, head, tail, headers)
         return body
 
     def _counter(self, provider: str) -> Counter:

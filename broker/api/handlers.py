@@ -100,18 +100,27 @@ async def get_token(request: web.Request) -> web.Response:
 
 def token_body(grant: Grant, expires_in: int) -> bytes:
     """The JSON body serving `grant`'s access token (see the token route)."""
+    head, tail = token_body_around(grant)
+    return head + str(expires_in).encode() + tail
+
+
+def token_body_around(grant: Grant) -> tuple[bytes, bytes]:
+    """`token_body` before and after the `expires_in` number, which changes every second:
+    the token path keeps these per grant version and puts the number in between."""
     assert grant.tokens.access_token is not None
-    return json.dumps(
+    head = json.dumps(
+        {"access_token": grant.tokens.access_token.reveal(), "token_type": grant.token_type}
+    )
+    tail = json.dumps(
         {
-            "access_token": grant.tokens.access_token.reveal(),
-            "token_type": grant.token_type,
-            "expires_in": expires_in,
             "expires_at": rfc3339(grant.access_expires_at),
             "scope": " ".join(grant.scopes),
             "provider": grant.provider,
             "user": grant.user,
         }
-    ).encode()
+    )
+    # json.dumps's own separators (", " and ": "), so the whole is what one dumps would give.
+    return f'{head[:-1]}, "expires_in": '.encode(), f", {tail[1:]}".encode()
 
 
 def _elapsed(started: float, held: bool) -> float | None:
