@@ -97,6 +97,12 @@ class Follower:
         grant = after or before
         if grant is None:
             return
+        if after is not None and after.version == self.seen_version + 1:
+            # The next version of the sequence, published here (this broker's own write, or
+            # the read in progress): nothing before it is unseen, so the next read starts
+            # after it rather than reading this broker's own writes back. A write whose
+            # version does not follow on leaves the sequence to be read as before.
+            self.seen_version = after.version
         if after is None or self._notices.get(grant.id, 0) <= after.version:
             self._notices.pop(grant.id, None)
         for future in self._waiters.pop(grant.id, []):

@@ -285,3 +285,26 @@ async def test_a_follower_with_a_probe_reads_only_when_the_store_changed(
         await tasks.cancel_all()
         await here_engine.dispose()
         await there_engine.dispose()
+
+
+async def test_own_writes_next_in_the_sequence_are_not_read_back(
+    engines: tuple[AsyncEngine, AsyncEngine], keyring: Keyring
+) -> None:
+    """A write published here at the very next version moves the follower past it (nothing
+    before it is unseen); one that skips a version written elsewhere leaves the sequence to
+    be read, and the read then finds the other write."""
+    here, there = GrantRepository(engines[0], keyring), GrantRepository(engines[1], keyring)
+    cache = GrantCache()
+    follower = Follower(here, cache, Metrics(["p"]), lambda: datetime.now(UTC))
+    await follower.sync()
+    mine = await here.insert(new_grant("alice"), NOW)
+    cache.put(mine)
+    assert follower.seen_version == mine.version
+    assert (await here.changes_since(follower.seen_version)).written == []
+    theirs = await there.insert(new_grant("bob"), NOW)
+    later = await here.insert(new_grant("carol"), NOW)
+    cache.put(later)
+    assert follower.seen_version == mine.version  # bob's version lies between: not seen yet
+    await follower.sync()
+    assert cache.get("p", "bob") == theirs
+    assert follower.seen_version == later.version

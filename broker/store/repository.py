@@ -169,7 +169,7 @@ class GrantRepository(RotationWrites):
         ConflictError (and nothing written) when a new grant's address was taken or a replaced
         row changed meanwhile.
         """
-        stored: list[Grant] = []
+        written: list[tuple[Grant, str | None]] = []  # each grant as written, its key id
         try:
             async with self._db.write() as conn:
                 rows = []
@@ -180,7 +180,7 @@ class GrantRepository(RotationWrites):
                     values = {**self._rows.plain(made), **self._rows.sealed(made)}
                     values.pop("version")
                     rows.append(values)
-                    stored.append(replace(made, key_id=values["key_id"]))
+                    written.append((made, values["key_id"]))
                 if rows:
                     await conn.execute(insert(grants), rows)
                 for grant, expected in replacing:
@@ -195,10 +195,11 @@ class GrantRepository(RotationWrites):
                     )
                     if result.rowcount != 1:
                         raise ConflictError(f"grant {grant.name} changed meanwhile")
-                    stored.append(replace(made, key_id=values["key_id"]))
-                stamps = await stamp_writes(conn, [g.id for g in stored], self._db.now(now))
+                    written.append((made, values["key_id"]))
+                stamps = await stamp_writes(conn, [g.id for g, _ in written], self._db.now(now))
                 stored = [
-                    replace(g, version=stamps[g.id][0], updated_at=stamps[g.id][1]) for g in stored
+                    replace(g, key_id=key_id, version=stamps[g.id][0], updated_at=stamps[g.id][1])
+                    for g, key_id in written
                 ]
                 await self._db.notify(conn, [notice(g.id, g.version) for g in stored])
         except IntegrityError:
