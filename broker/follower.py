@@ -116,6 +116,10 @@ class Follower:
         time (a first load of many grants never holds all their rows at once)."""
         if self._probe is not None:  # taken before the read: a commit during it shows later
             self._probed, self._read_at = self._probe(), time.monotonic()
+            # The files moved, often by a write that is no grant's (a heartbeat): one look at
+            # the sequence says whether there is anything to read.
+            if self.loaded and await self._repository.last_version() <= self.seen_version:
+                return
         while await self._sync_page():
             pass
         self.loaded = True

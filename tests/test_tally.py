@@ -1,4 +1,4 @@
-"""The grant tally: counts and least token life kept from the cache's changes, equal to a recount."""
+"""The grant tally: counts and least token life kept from cache changes, equal to a recount."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_the_heap_of_expiries_stays_bounded_by_the_live_grants() -> None:
     tally = tallied(cache)
     for version in range(1, 2_000):
         cache.put(make("a", expires_in=float(version), version=version))
-    assert len(tally._expiries["p"]) <= 2 + 64  # noqa: SLF001 - the bound is the point
+    assert len(tally._expiries["p"]) <= 2 + 64
 
 
 changes = st.lists(
