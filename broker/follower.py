@@ -167,8 +167,14 @@ class Follower:
 
     def _unchanged(self) -> bool:
         """Whether the store's files show no commit since the last read (and that read is
-        recent enough to trust the fingerprint); always False without a probe."""
-        if self._probe is None:
+        recent enough to trust the fingerprint); always False without a probe.
+
+        Not used while other brokers share the store: two commits within one tick of the
+        file system's clock, into a log of unchanged size, leave the same fingerprint, and a
+        peer's claim must be seen within a poll or two (`announced`); the fingerprint then
+        saves nothing but the queries of an idle single broker.
+        """
+        if self._probe is None or self._shared():
             return False
         probed, self._probed = self._probed, self._probe()
         return probed == self._probed and time.monotonic() - self._read_at < SAFETY_POLL
