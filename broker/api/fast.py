@@ -42,6 +42,8 @@ from broker.model import Grant
 PREFIX = "/v1/tokens/"
 # Bodies kept at most: a broker serving more grants than this rebuilds the rest per second.
 MAX_BODIES = 4096
+# Access decisions kept per caller at most; past it they are made again (a pattern match each).
+MAX_DECISIONS = 65536
 log = structlog.get_logger("broker.api")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -130,6 +132,8 @@ class FastTokens:
         key = (provider, user)
         allowed = connection.allowed.get(key)
         if allowed is None:
+            if len(connection.allowed) >= MAX_DECISIONS:
+                connection.allowed.clear()
             allowed = connection.allowed[key] = connection.caller.may_fetch(provider, user)
         if not allowed:
             return None
