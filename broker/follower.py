@@ -10,7 +10,12 @@ never clocks). What triggers a sync:
   cached (`behind`), so its callers wait for the new token instead of being served the old one;
 - polling, as the fallback: every POLL seconds while no feed is connected (SQLite, or a feed
   reconnecting), every SAFETY_POLL seconds while one is, and every FAST_POLL seconds on SQLite
-  while other processes share the store or a caller waits for another process's refresh.
+  while other processes share the store or a caller waits for another process's refresh. A
+  broker alone on a SQLite store first compares the store's files with the last read (`probe`)
+  and queries only when they moved, or SAFETY_POLL seconds have passed.
+
+This broker's own writes need no reading back: a write published here at the version right
+after the last one seen moves `seen_version` past it (`_published`).
 
 A claim is announced before its refresh token leaves (`announced`): on PostgreSQL the owner
 waits for its own notice to come back (when the server has delivered it to this broker, it has

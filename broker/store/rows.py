@@ -20,6 +20,7 @@ from broker.store.tables import GRANT_SEALED_COLUMNS, grants
 
 _TOKEN_COLUMNS = ("refresh_token", "access_token", "id_token")
 _NO_CLAIMS: dict[str, object] = {}  # shared by every grant without claims; never mutated
+_INTERN_LIMIT = 4096  # distinct values held at most; past it they are forgotten and start again
 
 
 class _Interned:
@@ -46,9 +47,6 @@ class _Interned:
                 self._scopes.clear()
             found = self._scopes[text] = tuple(self.string(s) or s for s in text.split())
         return found
-
-
-_INTERN_LIMIT = 4096
 
 
 class GrantRows:

@@ -189,11 +189,7 @@ _STAMP_ONE = (
     .where(grants.c.id == bindparam("stamp_id"))
     .values(version=bindparam("stamp_version"))
 )
-_STAMP_MANY = (
-    update(grants)
-    .where(grants.c.id == bindparam("stamp_id"))
-    .values(version=bindparam("stamp_version"), updated_at=bindparam("stamp_at", type_=UTCDateTime))
-)
+_STAMP_MANY = _STAMP_ONE.values(updated_at=bindparam("stamp_at", type_=UTCDateTime))
 
 
 async def stamp_writes(

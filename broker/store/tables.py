@@ -36,6 +36,13 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 _from_iso = datetime.fromisoformat
 
 
+def _in_utc(value: datetime) -> datetime:
+    """`value` in UTC; a naive datetime is refused (its zone would be a guess)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
+    return value.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on every backend."""
 
@@ -45,9 +52,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
-        value = value.astimezone(UTC)
+        value = _in_utc(value)
         # SQLite keeps text; dropping the zone keeps its ordering lexicographic and uniform.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
@@ -60,9 +65,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         def process(value: datetime | None) -> str | None:
             if value is None:
                 return None
-            if value.tzinfo is None:
-                raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
-            return value.astimezone(UTC).isoformat(" ", "microseconds")[:-6]  # no "+00:00"
+            return _in_utc(value).isoformat(" ", "microseconds")[:-6]  # no "+00:00"
 
         return process
 
