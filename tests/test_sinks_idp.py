@@ -422,6 +422,8 @@ async def test_a_sink_goes_when_its_token_expires_with_no_refresh_in_sight(
         idp.stop()
         await until(lambda: read(sink) != token, "the file is removed at expiry", 10)
         assert read(sink) is None
+        # The removal is logged just after the file goes.
+        await until(lambda: bool(broker.events("sink_removed")), "the removal is logged", 5)
         removal = broker.events("sink_removed")[-1]
         assert "expired" in removal["why"]
         assert (await broker.grants())["alice"]["state"] == "active"
