@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from broker.rotation import IN_FLIGHT
 from broker.tasks import Tasks
 from tests.idp import fixture as idp_fixture
 from tests.idp.fixture import DjangoIdP, DjangoIdPFactory
@@ -100,10 +101,17 @@ class CrashRun:
 
 
 async def settle(broker: BrokerProcess) -> None:
-    """Wait until the current incarnation has resolved every refresh it started with open."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
+    """Wait until the current incarnation has resolved every refresh it started with open.
+
+    A grant the provider still calls active while a request that carried its token may be on
+    its way ("refresh_outcome_pending": the kill landed before the IdP rotated) is asked again
+    only once no such request can be (IN_FLIGHT after its last send), so its wait is longer."""
+    started = time.monotonic()
+    deadline = started + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
         events = log_events(broker.process.log())
+        if any(e["event"] == "refresh_outcome_pending" for e in events):
+            deadline = max(deadline, started + IN_FLIGHT.total_seconds() + SETTLE_TIMEOUT)
         pending = sum(e.get("grants", 0) for e in events if e["event"] == "recovering_refreshes")
         resolved = {
             e["grant"]
