@@ -527,6 +527,9 @@ def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
         ),
         705: json.dumps({"provider": "techniek", "user": "y", "refresh_token": "two words"}),
         706: json.dumps({"provider": "techniek", "user": "z", "refresh_token": "x", "colour": 1}),
+        # A lone surrogate (only an escape can carry one) is not text.
+        707: json.dumps({"provider": "techniek", "user": "w", "refresh_token": "a\ud800"}),
+        708: json.dumps({"provider": "techniek", "user": "v", "refresh_token": "no\u00a0break"}),
     }
     replaced = json.dumps(
         {"provider": "techniek", "user": "u0002", "refresh_token": new_secret("rt"), "force": True}
@@ -538,7 +541,7 @@ def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
     with running_daemon(home, log_dir):
         done = cli(home, "import", "--jsonl", str(path), *config, log_dir=log_dir)
         assert done.returncode == 1, done.stderr
-        assert done.stdout.strip() == "created 700, replaced 1, failed 5"
+        assert done.stdout.strip() == "created 700, replaced 1, failed 7"
         reasons = dict(
             line.split(": ", 1)
             for line in done.stderr.strip().splitlines()
@@ -550,6 +553,8 @@ def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
         assert "already exists" in reasons["line 704"]
         assert "whitespace" in reasons["line 705"]
         assert "unknown field" in reasons["line 706"]
+        assert "not a JSON object in UTF-8" in reasons["line 707"]
+        assert "whitespace" in reasons["line 708"]
         assert not any(token in done.stdout + done.stderr for token in tokens.values())
         listed = json.loads(cli(home, "grants", "list", "--json", *config).stdout)
         assert len(listed) == 700

@@ -255,7 +255,8 @@ async def _import_lines(request: web.Request) -> web.Response:
             continue
         try:
             body = json.loads(line)
-            json.dumps(body, ensure_ascii=False).encode()  # lone surrogates are not text
+            if "\\u" in line:  # only an escape can make a lone surrogate, which is not text
+                json.dumps(body, ensure_ascii=False).encode()
         except (ValueError, UnicodeError, RecursionError):
             failed.append({"line": number, "reason": "not a JSON object in UTF-8"})
             continue
@@ -397,6 +398,6 @@ def _optional_secret(body: dict[str, Any], name: str) -> Secret | None:
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_SECRET_CHARS:
         raise BadRequest(f"{name} must be a non-empty string of at most {MAX_SECRET_CHARS} chars")
-    if any(ch.isspace() for ch in value):
+    if value.split() != [value]:  # split() cuts at every character str.isspace() names
         raise BadRequest(f"{name} must not contain whitespace")
     return Secret(value)

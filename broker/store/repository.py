@@ -169,23 +169,23 @@ class GrantRepository(RotationWrites):
         ConflictError (and nothing written) when a new grant's address was taken or a replaced
         row changed meanwhile.
         """
-        written: list[tuple[Grant, str | None]] = []  # each grant as written, its key id
+        # Each grant as it is written: the grant, its row id, generation, creation and key id.
+        written: list[tuple[Grant, str, int, datetime | None, str | None]] = []
         try:
             async with self._db.write() as conn:
                 rows = []
                 for grant in new:
-                    made = replace(
-                        grant, id=uuid.uuid4().hex, generation=1, created_at=now, updated_at=now
-                    )
-                    values = {**self._rows.plain(made), **self._rows.sealed(made)}
+                    row_id = uuid.uuid4().hex
+                    values = {**self._rows.plain(grant), **self._rows.sealed(grant, row_id)}
+                    values.update(id=row_id, generation=1, created_at=now, updated_at=now)
                     values.pop("version")
                     rows.append(values)
-                    written.append((made, values["key_id"]))
+                    written.append((grant, row_id, 1, now, values["key_id"]))
                 if rows:
                     await conn.execute(insert(grants), rows)
                 for grant, expected in replacing:
-                    made = replace(grant, generation=expected + 1, updated_at=now)
-                    values = {**self._rows.plain(made), **self._rows.sealed(made)}
+                    values = {**self._rows.plain(grant), **self._rows.sealed(grant)}
+                    values.update(generation=expected + 1, updated_at=now)
                     for fixed in ("id", "created_at", "version"):
                         values.pop(fixed)
                     result = await conn.execute(
@@ -195,11 +195,21 @@ class GrantRepository(RotationWrites):
                     )
                     if result.rowcount != 1:
                         raise ConflictError(f"grant {grant.name} changed meanwhile")
-                    written.append((made, values["key_id"]))
-                stamps = await stamp_writes(conn, [g.id for g, _ in written], self._db.now(now))
+                    written.append(
+                        (grant, grant.id, expected + 1, grant.created_at, values["key_id"])
+                    )
+                stamps = await stamp_writes(conn, [w[1] for w in written], self._db.now(now))
                 stored = [
-                    replace(g, key_id=key_id, version=stamps[g.id][0], updated_at=stamps[g.id][1])
-                    for g, key_id in written
+                    replace(
+                        grant,
+                        id=row_id,
+                        generation=generation,
+                        created_at=created_at,
+                        key_id=key_id,
+                        version=stamps[row_id][0],
+                        updated_at=stamps[row_id][1],
+                    )
+                    for grant, row_id, generation, created_at, key_id in written
                 ]
                 await self._db.notify(conn, [notice(g.id, g.version) for g in stored])
         except IntegrityError:

@@ -78,13 +78,15 @@ class GrantRows:
             "version": grant.version,
         }
 
-    def sealed(self, grant: Grant) -> dict[str, Any]:
-        """The sealed columns, and the key id that sealed them."""
+    def sealed(self, grant: Grant, row_id: str | None = None) -> dict[str, Any]:
+        """The sealed columns, and the key id that sealed them (for the row `row_id`, by
+        default the grant's own)."""
+        row = grant.id if row_id is None else row_id
 
         def seal(column: str, value: str | None) -> bytes | None:
             if value is None:
                 return None
-            return self.sealer.seal(value, table="grants", row_id=grant.id, column=column)
+            return self.sealer.seal(value, table="grants", row_id=row, column=column)
 
         tokens = grant.tokens
         values: dict[str, Any] = {
