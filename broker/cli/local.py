@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.cli.common import (
     EXIT_ERROR,
@@ -22,6 +22,16 @@ from broker.errors import BrokerError
 
 ROTATE_BATCH = 100
 
+T = TypeVar("T")
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` to its end: asyncio is imported only by the commands that use it, so
+    the client commands (token, git-credential, import) start faster."""
+    import asyncio
+
+    return asyncio.run(coroutine)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon."""
@@ -32,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     json_logs = {"json": True, "console": False}.get(args.log_format)
     configure_logging(level=args.log_level, json=json_logs)
     try:
-        asyncio.run(serve(config))
+        _run(serve(config))
     except BrokerError as exc:
         get_logger("broker.daemon").error("startup_failed", error=str(exc))
         return EXIT_ERROR
@@ -61,7 +71,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    before, after = asyncio.run(run())
+    before, after = _run(run())
     if before == after:
         print(f"store already at revision {after}")
     else:
@@ -127,7 +137,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    asyncio.run(run())
+    _run(run())
     return EXIT_OK
 
 
@@ -150,7 +160,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    counts = asyncio.run(run())
+    counts = _run(run())
     rows = [
         {
             "key_id": key_id,
