@@ -26,7 +26,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, case, func, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import ConflictError
@@ -66,6 +76,12 @@ class ClaimBatch:
 
 # Refresh outcomes committed in one transaction at most (broker.store.group).
 COMMIT_BATCH = 256
+
+# The write of one successful refresh, built once: fenced by the row's id and the generation the
+# refresh started from; the SET clause is the columns named by the parameters it runs with.
+_COMMIT = update(grants).where(
+    grants.c.id == bindparam("fence_id"), grants.c.generation == bindparam("fence_generation")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,17 +460,15 @@ class RotationWrites:
         async with self._db.write() as conn:
             for commit, new, values in prepared:
                 result = await conn.execute(
-                    update(grants)
-                    .where(
-                        grants.c.id == commit.grant.id,
-                        grants.c.generation == commit.expected_generation,
-                    )
-                    .values(
+                    _COMMIT,
+                    {
                         **values,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        last_write=commit.write_id,
-                    )
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                        "last_write": commit.write_id,
+                        "fence_id": commit.grant.id,
+                        "fence_generation": commit.expected_generation,
+                    },
                 )
                 if result.rowcount != 1:
                     outcomes.append(
