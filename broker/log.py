@@ -22,6 +22,7 @@ the journal because something raised next to it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -96,15 +97,27 @@ _VALUE_PATTERNS = (
 )
 
 
+# Every value pattern needs one of these to match: whitespace (Bearer), `eyJ` (JWT), `=` or
+# `%3D` (form fields), a quote (JSON pairs). One search finds the strings that have none, most
+# of those a daemon logs (names, outcomes, timestamps), and spares them the four patterns.
+_MAY_MATCH = re.compile(r"""[\s="']|eyJ|%3[dD]""")
+
+
+@functools.lru_cache(maxsize=1024)
 def _is_secret_key(key: str) -> bool:
+    # Cached: a daemon logs the same few dozen keys over and over.
     words = _CAMEL_BOUNDARY.sub("_", key).lower().replace("-", "_")
     return words in _SECRET_KEYS or words.rsplit("_", 1)[-1] in _SECRET_LAST_WORDS
 
 
-def _scrub(text: str) -> str:
+def _apply_patterns(text: str) -> str:
     for pattern, replacement in _VALUE_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _scrub(text: str) -> str:
+    return _apply_patterns(text) if _MAY_MATCH.search(text) else text
 
 
 def _redact_value(value: object, depth: int) -> object:

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from broker.log import REDACTED, configure_logging, get_logger, redact
+from broker.log import REDACTED, _apply_patterns, _scrub, configure_logging, get_logger, redact
 from broker.model import Secret, TokenSet
 
 ACCESS = "at-1f9c-ACCESS-VALUE"
@@ -423,6 +425,74 @@ def test_redact_keeps_structural_and_identifier_keys(key: str) -> None:
 def test_redact_scans_string_values_for_token_patterns(text: str, expected: str) -> None:
     """Bearer headers, JWTs, form fields and JSON pairs inside any string value are redacted."""
     assert redact(None, "info", {"event": text}) == {"event": expected}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Bearer\tabc123",  # whitespace other than a space
+        "x=1&access_token=a1",  # no whitespace, no quote: only "="
+        "https%3A%2F%2Fx%2F%3Fcode%3dc1",  # only an encoded "="
+        '{"refresh_token":"r1"}',  # no whitespace, no "=": only quotes
+        JWT,  # nothing but the JWT
+    ],
+)
+def test_strings_with_a_single_kind_of_marker_are_still_scanned(text: str) -> None:
+    """The quick check that skips plain strings lets through each thing a pattern needs."""
+    assert REDACTED in _scrub(text)
+
+
+# Fragments the value patterns care about, and filler around them.
+_FRAGMENTS = st.sampled_from(
+    [
+        "Bearer",
+        "bearer",
+        "Basic",
+        "DPoP",
+        " ",
+        "\t",
+        "\u00a0",
+        "=",
+        "%3D",
+        "%3d",
+        "%3F",
+        "%26",
+        "&",
+        "?",
+        '"',
+        "'",
+        "\\",
+        ":",
+        "eyJ",
+        "abc",
+        "_-",
+        ".",
+        "token",
+        "code",
+        "refresh_token",
+        "access_token",
+        "password",
+        "client_secret",
+        "status_code",
+        "x",
+        # whole secrets, in each form a pattern knows
+        '"id_token":"i1"',
+        "'code':'c1'",
+        '\\"refresh_token\\":\\"r1\\"',
+        "password=p1",
+        "code%3Dc1",
+        "Bearer\u2003b1",
+        "eyJa.eyJb.c",
+        "DPoP\nd1",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_FRAGMENTS, max_size=12).map("".join))
+def test_the_quick_check_never_skips_a_string_a_pattern_would_change(text: str) -> None:
+    """Skipping the patterns for strings without any marker changes no outcome."""
+    assert _scrub(text) == _apply_patterns(text)
 
 
 def test_redact_replaces_long_bytes_but_keeps_short_ones() -> None:

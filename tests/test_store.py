@@ -177,6 +177,63 @@ async def test_naive_datetime_is_refused(repo: GrantRepository, new_secret: NewS
     assert await repo.all() == []
 
 
+async def test_store_many_writes_new_and_replaced_grants_that_read_back_equal(
+    repo: GrantRepository, new_secret: NewSecret
+) -> None:
+    """A bulk write (an import) stores new grants and new tokens over existing ones in one
+    transaction; each reads back exactly as returned, its datetimes aware UTC."""
+    existing = await repo.insert(make_grant(new_secret, "zoe"), NOW)
+    amsterdam = timezone(timedelta(hours=1))
+    new = [
+        replace(
+            make_grant(new_secret, f"user{i:03d}"),
+            access_expires_at=datetime(2026, 11, 21, 23, 59, 59, 999999, tzinfo=amsterdam),
+            tokens=TokenSet(refresh_token=Secret(new_secret("rt")))
+            if i % 2
+            else make_grant(new_secret).tokens,
+            claims={} if i % 3 else {"email": f"user{i}@example.nl"},
+        )
+        for i in range(120)
+    ]
+    stored = await repo.store_many(new, [(rotated_tokens(existing, new_secret), 1)], LATER)
+    assert len(stored) == 121
+    assert [g.user for g in stored] == [g.user for g in new] + ["zoe"]
+    for grant in stored:
+        fetched = await repo.get(grant.provider, grant.user)
+        assert fetched == grant
+        assert fetched.key_id == repo.keyring.primary
+        assert fetched.access_expires_at is not None
+        assert fetched.access_expires_at.tzinfo is UTC
+    assert stored[0].access_expires_at == new[0].access_expires_at
+    assert stored[1].tokens == new[1].tokens
+    assert stored[1].tokens.access_token is None
+    assert [g.generation for g in stored] == [1] * 120 + [2]
+    assert stored[-1].created_at == NOW
+    versions = [g.version for g in stored]
+    assert versions == sorted(set(versions))
+
+
+async def test_store_many_with_a_taken_address_writes_nothing(
+    repo: GrantRepository, new_secret: NewSecret
+) -> None:
+    """A new grant whose address someone took meanwhile fails the whole bulk write."""
+    taken = await repo.insert(make_grant(new_secret, "bob"), NOW)
+    new = [make_grant(new_secret, "alice"), make_grant(new_secret, "bob")]
+    with pytest.raises(ConflictError):
+        await repo.store_many(new, [], LATER)
+    assert await repo.all() == [taken]
+
+
+async def test_store_many_refuses_a_naive_datetime_and_writes_nothing(
+    repo: GrantRepository, new_secret: NewSecret
+) -> None:
+    """A naive datetime in a bulk write never reaches the database."""
+    naive = replace(make_grant(new_secret, "bob"), next_refresh_at=datetime(2026, 1, 1))  # noqa: DTZ001
+    with pytest.raises((ValueError, StatementError), match="naive datetime"):
+        await repo.store_many([make_grant(new_secret), naive], [], LATER)
+    assert await repo.all() == []
+
+
 # -- compare-and-swap -----------------------------------------------------------------------
 
 

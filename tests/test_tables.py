@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import DATETIME
@@ -52,3 +52,23 @@ def test_a_naive_moment_is_refused() -> None:
     assert MINE_IN is not None
     with pytest.raises(ValueError, match="naive"):
         MINE_IN(datetime(2026, 12, 6))  # noqa: DTZ001 - the point of the test
+
+
+def test_a_naive_moment_is_refused_after_the_same_aware_moment_was_written() -> None:
+    """The texts kept for repeated instants never answer for a naive datetime."""
+    assert MINE_IN is not None
+    aware = datetime(2026, 12, 6, 15, tzinfo=UTC)
+    assert MINE_IN(aware) == "2026-12-06 15:00:00.000000"
+    with pytest.raises(ValueError, match="naive"):
+        MINE_IN(aware.replace(tzinfo=None))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(moments, min_size=300, max_size=400))
+def test_many_moments_in_a_row_each_get_their_own_text(batch: list[datetime]) -> None:
+    """More distinct instants than are kept, repeated and in zones: each written as DATETIME
+    writes its UTC value."""
+    assert MINE_IN is not None
+    assert THEIRS_IN is not None
+    for moment in batch + batch[::-1]:
+        assert MINE_IN(moment) == THEIRS_IN(moment.astimezone(UTC).replace(tzinfo=None))

@@ -22,7 +22,7 @@ from broker.model import Grant, GrantState
 from broker.store.rotations import RotationWrites, notice
 from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer
-from broker.store.session import Database, stamp_writes, take_versions
+from broker.store.session import Database, insert_rows, stamp_writes, take_versions
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
 _IN_BATCH = 500  # values in one SQL IN (...), well under every backend's parameter limit
@@ -181,8 +181,7 @@ class GrantRepository(RotationWrites):
                     values.pop("version")
                     rows.append(values)
                     written.append((grant, row_id, 1, now, values["key_id"]))
-                if rows:
-                    await conn.execute(insert(grants), rows)
+                await insert_rows(conn, grants, rows)
                 for grant, expected in replacing:
                     values = {**self._rows.plain(grant), **self._rows.sealed(grant)}
                     values.update(generation=expected + 1, updated_at=now)

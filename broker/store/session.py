@@ -12,21 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Interval,
+    Table,
     bindparam,
     func,
+    insert,
     literal,
     select,
     text,
     type_coerce,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -224,3 +227,57 @@ async def stamp_writes(
         ],
     )
     return {grant_id: (first + i, when) for i, grant_id in enumerate(grant_ids)}
+
+
+# A bulk INSERT as the driver takes it: its SQL, and each column's name and bind processor in
+# the order of its parameters. Kept per dialect, table and columns (see `insert_rows`).
+_Insert = tuple[str, tuple[tuple[str, Callable[[Any], Any] | None], ...]]
+_INSERTS: dict[tuple[type[Dialect], str, Table, tuple[str, ...]], _Insert] = {}
+
+
+def _bulk_insert(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Insert | None:
+    """The compiled INSERT of `keys` into `table`; None when the driver's parameters are not
+    positional (then SQLAlchemy does it all)."""
+    cache_key = (type(dialect), dialect.paramstyle, table, keys)
+    found = _INSERTS.get(cache_key)
+    if found is None:
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
+        if not compiled.positional or compiled.positiontup is None:
+            return None
+        order = tuple(compiled.positiontup)
+        if sorted(order) != sorted(keys):  # a default or an expression of its own: not ours
+            return None
+        found = _INSERTS[cache_key] = (
+            compiled.string,
+            tuple((name, table.c[name].type.bind_processor(dialect)) for name in order),
+        )
+    return found
+
+
+async def insert_rows(
+    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """INSERT `rows` (each with the same columns) in one executemany.
+
+    What `conn.execute(insert(table), rows)` does, without SQLAlchemy building a parameter
+    dictionary per row: the statement is compiled once per column set, and each row becomes
+    the driver's tuple through the columns' own bind processors. An import binds thousands of
+    rows of twenty-odd columns; this halves what that costs.
+    """
+    if not rows:
+        return
+    keys = tuple(rows[0])
+    compiled = _bulk_insert(conn.dialect, table, keys)
+    if compiled is None:
+        await conn.execute(insert(table), list(rows))
+        return
+    sql, columns = compiled
+    width = len(keys)
+    params = []
+    for row in rows:
+        if len(row) != width:  # with the same length, a missing key raises KeyError below
+            raise ValueError("every row of one insert_rows call must have the same columns")
+        params.append(
+            tuple(row[name] if process is None else process(row[name]) for name, process in columns)
+        )
+    await conn.exec_driver_sql(sql, params)

@@ -36,6 +36,10 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 _from_iso = datetime.fromisoformat
 
 
+# Datetime texts a SQLite bind processor keeps (see UTCDateTime.bind_processor).
+_BIND_TEXTS = 256
+
+
 def _in_utc(value: datetime) -> datetime:
     """`value` in UTC; a naive datetime is refused (its zone would be a guess)."""
     if value.tzinfo is None:
@@ -61,11 +65,21 @@ class UTCDateTime(TypeDecorator[datetime]):
             return super().bind_processor(dialect)
 
         # The text SQLAlchemy's SQLite DATETIME writes ("YYYY-MM-DD HH:MM:SS.ffffff", UTC),
-        # made in one step: imports and group commits bind thousands of these at once.
+        # made in one step: imports and group commits bind thousands of these at once, most
+        # of them the same few instants (a batch's `now`, its expiries), so the last texts are
+        # kept (keyed by the instant: equal aware datetimes are the same UTC text).
+        texts: dict[datetime, str] = {}
+
         def process(value: datetime | None) -> str | None:
             if value is None:
                 return None
-            return _in_utc(value).isoformat(" ", "microseconds")[:-6]  # no "+00:00"
+            text = texts.get(value)
+            if text is None:
+                text = _in_utc(value).isoformat(" ", "microseconds")[:-6]  # no "+00:00"
+                if len(texts) >= _BIND_TEXTS:
+                    texts.clear()
+                texts[value] = text
+            return text
 
         return process
 
