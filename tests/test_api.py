@@ -25,7 +25,7 @@ from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 import broker
-from broker.api.app import MAX_BODY_BYTES, build_app
+from broker.api.app import BULK_BODY_BYTES, MAX_BODY_BYTES, build_app
 from broker.api.identity import Policy
 from broker.api.server import Limits, start_runner
 from broker.api.sockets import BACKLOG, bind_unix
@@ -622,6 +622,63 @@ async def test_a_body_over_64_kib_is_413(api: Api) -> None:
         "POST", "/v1/grants", data=data, headers={"Content-Type": "application/json"}
     )
     assert_problem(reply, 413, "payload_too_large")
+
+
+def _ndjson_of_size(size: int, new_secret: Callable[[str], str]) -> tuple[bytes, int]:
+    """A bulk import body of new grants, just over `size` bytes; and how many lines."""
+    lines: list[str] = []
+    total = 0
+    while total <= size:
+        line = json.dumps(
+            {
+                "provider": "techniek",
+                "user": f"user{len(lines):05d}",
+                "refresh_token": new_secret("rt"),
+            }
+        )
+        lines.append(line)
+        total += len(line) + 1
+    return "\n".join(lines).encode(), len(lines)
+
+
+async def test_an_admin_bulk_import_may_be_larger_than_other_bodies(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """An admin's NDJSON import takes up to BULK_BODY_BYTES in one request (one transaction);
+    over that it is 413 like any other body, and nothing of it is stored."""
+    ndjson = {"Content-Type": "application/x-ndjson"}
+    body, lines = _ndjson_of_size(MAX_BODY_BYTES * 2, new_secret)
+    assert MAX_BODY_BYTES < len(body) < BULK_BODY_BYTES
+    reply = await api.call("POST", "/v1/grants", data=body, headers=ndjson)
+    assert reply.status == 200, reply.text
+    assert reply.json() == {"created": lines, "replaced": 0, "failed": []}
+    assert len(await api.repository.all()) == lines
+
+    too_big, _ = _ndjson_of_size(BULK_BODY_BYTES, new_secret)
+    reply = await api.call("POST", "/v1/grants", data=too_big, headers=ndjson)
+    assert_problem(reply, 413, "payload_too_large")
+    assert len(await api.repository.all()) == lines
+
+
+async def test_the_larger_bulk_limit_is_for_admins_only(
+    tmp_path: Path, new_secret: Callable[[str], str]
+) -> None:
+    """A caller who is not an admin gets no larger body for an NDJSON import: 413 over 64 KiB."""
+    bearer = new_secret("bearer")
+    client = {
+        "name": "billing",
+        "token_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
+        "grants": ["techniek/*"],
+    }
+    async with served_api(tmp_path, clients=[client], tcp=True) as api:
+        body, _ = _ndjson_of_size(MAX_BODY_BYTES * 2, new_secret)
+        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/x-ndjson"}
+        reply = await api.call("POST", "/v1/grants", data=body, headers=headers, tcp=True)
+        assert_problem(reply, 413, "payload_too_large")
+        small, _ = _ndjson_of_size(1000, new_secret)
+        reply = await api.call("POST", "/v1/grants", data=small, headers=headers, tcp=True)
+        assert_problem(reply, 403, "forbidden")
+        assert await api.repository.all() == []
 
 
 # -- admin views --------------------------------------------------------------------------------

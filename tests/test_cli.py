@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 import broker
+from broker.api.app import BULK_BODY_BYTES
 from broker.cli import main
+from broker.cli.remote import BULK_REQUEST_BYTES
 from broker.crypto import write_keyring
 from broker.model import Grant, GrantState, Secret, TokenSet
 from broker.store.repository import GrantRepository
@@ -507,6 +509,12 @@ async def test_reauth_required_is_exit_3(
     assert live.returncode == 0, live.stderr
 
 
+def test_a_bulk_import_request_fits_the_daemons_limit_for_them() -> None:
+    """The CLI's batches (kept apart so client commands need not load aiohttp) stay within
+    what the daemon takes in one bulk import request."""
+    assert BULK_REQUEST_BYTES <= BULK_BODY_BYTES
+
+
 def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
     tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
 ) -> None:
@@ -514,7 +522,8 @@ def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
     replaces with force, and reports each failed line by number and reason, never a token;
     exit 1 when any failed."""
     home = make_home(tmp_path)
-    tokens = {f"u{i:04}": new_secret("rt") for i in range(700)}  # more than one request's worth
+    # Long tokens: 700 lines are more than one request's worth, so line numbers cross requests.
+    tokens = {f"u{i:04}": new_secret("rt") + "-" + "p" * 400 for i in range(700)}
     lines = [
         json.dumps({"provider": "techniek", "user": u, "refresh_token": t})
         for u, t in tokens.items()
@@ -535,6 +544,7 @@ def test_a_bulk_import_stores_the_good_lines_and_names_each_bad_one(
         {"provider": "techniek", "user": "u0002", "refresh_token": new_secret("rt"), "force": True}
     )
     body = "\n".join([*lines, "", *bad.values(), replaced]) + "\n"
+    assert len(body) > BULK_REQUEST_BYTES
     path = tmp_path / "grants.jsonl"
     path.write_text(body)
     config = ["-c", str(home.config)]
