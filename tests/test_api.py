@@ -624,6 +624,17 @@ async def test_a_body_over_64_kib_is_413(api: Api) -> None:
     assert_problem(reply, 413, "payload_too_large")
 
 
+def _billing(new_secret: Callable[[str], str]) -> tuple[str, dict[str, Any]]:
+    """A bearer token, and the `[[clients]]` entry of the non-admin client holding it."""
+    bearer = new_secret("bearer")
+    client = {
+        "name": "billing",
+        "token_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
+        "grants": ["techniek/*"],
+    }
+    return bearer, client
+
+
 def _ndjson_of_size(size: int, new_secret: Callable[[str], str]) -> tuple[bytes, int]:
     """A bulk import body of new grants, just over `size` bytes; and how many lines."""
     lines: list[str] = []
@@ -664,12 +675,7 @@ async def test_the_larger_bulk_limit_is_for_admins_only(
     tmp_path: Path, new_secret: Callable[[str], str]
 ) -> None:
     """A caller who is not an admin gets no larger body for an NDJSON import: 413 over 64 KiB."""
-    bearer = new_secret("bearer")
-    client = {
-        "name": "billing",
-        "token_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
-        "grants": ["techniek/*"],
-    }
+    bearer, client = _billing(new_secret)
     async with served_api(tmp_path, clients=[client], tcp=True) as api:
         body, _ = _ndjson_of_size(MAX_BODY_BYTES * 2, new_secret)
         headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/x-ndjson"}
@@ -851,12 +857,7 @@ async def test_tcp_requests_need_a_bearer_and_follow_the_clients_patterns(
     tmp_path: Path, new_secret: Callable[[str], str]
 ) -> None:
     """On TCP: no bearer is 401 with a challenge, a client's token gets its grants, others 403."""
-    bearer = new_secret("bearer")
-    client = {
-        "name": "billing",
-        "token_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
-        "grants": ["techniek/*"],
-    }
+    bearer, client = _billing(new_secret)
     async with served_api(tmp_path, clients=[client], tcp=True) as api:
         access = new_secret("at")
         for provider, token in (("techniek", access), ("netid", new_secret("at"))):
