@@ -396,6 +396,7 @@ class Daemon:
             metrics=_text(server.metrics),
             callback=_text(server.callback),
             grants=sum(rt.service.gauges(self.clock()).by_state.values()),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     def _api_socket(self, stack: contextlib.AsyncExitStack) -> tuple[socket.socket, bool]:

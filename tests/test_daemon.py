@@ -58,6 +58,35 @@ def _import(home: Home, new_secret: Callable[[str], str], user: str = "alice") -
     return access
 
 
+def _serving_line(log: str) -> dict[str, object]:
+    lines = [json.loads(line) for line in log.splitlines() if '"serving"' in line]
+    assert lines, log
+    event: dict[str, object] = lines[0]
+    return event
+
+
+def test_serve_runs_on_uvloop_when_it_is_installed_and_on_asyncio_without(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """The `fast` extra's uvloop carries the daemon when it can be imported (the suite installs
+    it); without it the daemon runs on asyncio's own loop and serves the same."""
+    pytest.importorskip("uvloop")
+    home = make_home(tmp_path)
+    with running_daemon(home, log_dir) as daemon:
+        access = _import(home, new_secret)
+        token = request(home.socket, "GET", "/v1/tokens/techniek/alice")
+        assert json.loads(token.body)["access_token"] == access
+    assert _serving_line(daemon.log())["event_loop"] == "uvloop"
+
+    hidden = tmp_path / "no-uvloop"
+    hidden.mkdir()
+    (hidden / "uvloop.py").write_text('raise ImportError("uvloop is hidden by the test")\n')
+    with running_daemon(home, log_dir, name="plain", env={"PYTHONPATH": str(hidden)}) as plain:
+        token = request(home.socket, "GET", "/v1/tokens/techniek/alice")
+        assert json.loads(token.body)["access_token"] == access
+    assert _serving_line(plain.log())["event_loop"] == "asyncio"
+
+
 @pytest.mark.parametrize("mode", ["0600", "0660"])
 def test_serve_creates_the_socket_with_the_configured_mode(
     tmp_path: Path, log_dir: Path, mode: str
