@@ -3,8 +3,9 @@
 It serves `GET /v1/tokens/{provider}/{user}` with a fixed body of the same size as the daemon's
 token response and the same headers (taken from a real response of the daemon in the same
 run, so a header the daemon adds later is mirrored too), the way the daemon runs aiohttp
-(AppRunner, no access log). What it lacks is everything the broker does per request: peer
-credentials, access control, the cache lookup, metrics, JSON encoding.
+(AppRunner, no access log, on uvloop when it is installed, as `token-broker serve` is). What
+it lacks is everything the broker does per request: peer credentials, access control, the
+cache lookup, metrics, JSON encoding.
 
 Usage: python -m bench.bare_server SOCKET SPEC_JSON, where SPEC_JSON holds
 {"body_size": N, "headers": {name: value}}. The socket gets mode 0660, as the daemon's.
@@ -70,7 +71,12 @@ def main() -> None:
     socket_path, spec_path = Path(sys.argv[1]), Path(sys.argv[2])
     spec = json.loads(spec_path.read_text())
     headers = {str(name): str(value) for name, value in spec["headers"].items()}
-    asyncio.run(serve(socket_path, int(spec["body_size"]), headers))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(socket_path, int(spec["body_size"]), headers))
+    else:
+        uvloop.run(serve(socket_path, int(spec["body_size"]), headers))
 
 
 if __name__ == "__main__":

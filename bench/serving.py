@@ -14,6 +14,7 @@ processes outside the benchmark took meanwhile; the tables give medians over the
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             client.describe(),
             f"bare handler: the same {len(sample.body)}-byte body size and the same headers "
             f"({', '.join(sorted(mirrored_headers(sample.headers)))}) as the daemon's answer",
+            f"event loop of both servers: {_event_loop()}",
         ]
         report.tables = _tables(runs, notes, args.quiet)
         report.finish()
@@ -208,6 +210,11 @@ def _chosen(runs: list[Run], server: str, connections: int, quiet: float) -> lis
 
 def _median(chosen: list[Run], pick: Callable[[Run], float]) -> float:
     return statistics.median(pick(r) for r in chosen)
+
+
+def _event_loop() -> str:
+    """The loop the daemon and the bare handler run on: uvloop when it is installed."""
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 def _tables(runs: list[Run], notes: list[str], quiet: float) -> list[Table]:
