@@ -375,9 +375,6 @@ class Daemon:
         )
         api_socket, activated = self._api_socket(stack)
         api = await start_runner(stack, app)
-        await web.SockSite(api, api_socket, backlog=BACKLOG).start()
-        if server.tcp is not None:
-            await _start_tcp(api, server.tcp, "tcp")
         if server.metrics is not None:
             metrics_runner = await start_runner(stack, build_metrics_app(rt.metrics))
             await _start_tcp(metrics_runner, server.metrics, "metrics")
@@ -388,6 +385,11 @@ class Daemon:
             callback_app = build_callback_app(rt.logins, self.clock, redirect_uris)
             await _start_tcp(await start_runner(stack, callback_app), server.callback, "callback")
             self._served_callbacks = _callback_paths(self.config)
+        # The API last: a login asked for the moment the socket answers must find the callback
+        # listener up, or it would pick the device grant as if no redirect could come.
+        await web.SockSite(api, api_socket, backlog=BACKLOG).start()
+        if server.tcp is not None:
+            await _start_tcp(api, server.tcp, "tcp")
         log.info(
             "serving",
             socket=str(server.socket),
