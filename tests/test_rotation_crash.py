@@ -73,7 +73,11 @@ class CrashRun:
             pending: set[str] = set()
             for event in events:
                 if event["event"] == "refresh_outcome_unknown":
-                    unknown += 1
+                    # Once per grant while it is unresolved: a recovery the provider answered
+                    # "not rotated yet" keeps the intent and logs this again when it asks
+                    # again (refresh_outcome_pending), still the same unknown outcome.
+                    if event["grant"] not in pending:
+                        unknown += 1
                     pending.add(event["grant"])
                 elif event["event"] == "rotation_lost":
                     lost += 1
@@ -281,8 +285,12 @@ async def test_without_grace_every_grant_is_usable_or_marked_rotation_lost_acros
     )
     assert numbers["kills"] == KILLS
     assert numbers["kills_mid_refresh"] > 0, "no kill landed mid-refresh: the test proved nothing"
+    # Each unknown outcome ends lost, or recovered when the provider says the token never
+    # rotated (introspection), or is cut short by the next kill.
     assert (
-        numbers["rotation_lost"] + numbers["recovery_interrupted_by_next_kill"]
+        numbers["rotation_lost"]
+        + numbers["recovered"]
+        + numbers["recovery_interrupted_by_next_kill"]
         == numbers["refresh_outcome_unknown"]
     )
     for user, (state, last_error, refreshed, userinfo_status) in end.items():
