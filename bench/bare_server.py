@@ -23,6 +23,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from broker.cli.local import run_loop
+
 # Framing headers aiohttp sets by itself for every response.
 FRAMING = frozenset({"content-length", "date", "server", "connection", "keep-alive"})
 
@@ -71,12 +73,8 @@ def main() -> None:
     socket_path, spec_path = Path(sys.argv[1]), Path(sys.argv[2])
     spec = json.loads(spec_path.read_text())
     headers = {str(name): str(value) for name, value in spec["headers"].items()}
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(socket_path, int(spec["body_size"]), headers))
-    else:
-        uvloop.run(serve(socket_path, int(spec["body_size"]), headers))
+    # On the loop `token-broker serve` runs on (uvloop when it is installed).
+    run_loop(serve(socket_path, int(spec["body_size"]), headers), fast_loop=True)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,12 @@ ROTATE_BATCH = 100
 T = TypeVar("T")
 
 
-def _run(coroutine: Coroutine[Any, Any, T], *, fast_loop: bool = False) -> T:
+def run_loop(coroutine: Coroutine[Any, Any, T], *, fast_loop: bool = False) -> T:
     """Run `coroutine` to its end: asyncio is imported only by the commands that use it, so
     the client commands (token, git-credential, import) start faster. With `fast_loop`, on
     uvloop when it is installed (the `fast` extra): the daemon's refreshes cost about a tenth
-    less CPU on it (docs/performance.md)."""
+    less CPU on it (docs/performance.md). The serving benchmark's bare handler runs on the
+    loop this picks too."""
     import asyncio
 
     if fast_loop:
@@ -51,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     json_logs = {"json": True, "console": False}.get(args.log_format)
     configure_logging(level=args.log_level, json=json_logs)
     try:
-        _run(serve(config), fast_loop=True)
+        run_loop(serve(config), fast_loop=True)
     except BrokerError as exc:
         get_logger("broker.daemon").error("startup_failed", error=str(exc))
         return EXIT_ERROR
@@ -80,7 +81,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    before, after = _run(run())
+    before, after = run_loop(run())
     if before == after:
         print(f"store already at revision {after}")
     else:
@@ -146,7 +147,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    _run(run())
+    run_loop(run())
     return EXIT_OK
 
 
@@ -169,7 +170,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    counts = _run(run())
+    counts = run_loop(run())
     rows = [
         {
             "key_id": key_id,

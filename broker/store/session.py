@@ -230,16 +230,19 @@ async def stamp_writes(
 
 
 # A bulk INSERT as the driver takes it: its SQL, and each column's name and bind processor in
-# the order of its parameters. Kept per dialect, table and columns (see `insert_rows`).
+# the order of its parameters. Kept per dialect (an engine's: its processors depend on its
+# driver), table and columns (see `insert_rows`).
 _Insert = tuple[str, tuple[tuple[str, Callable[[Any], Any] | None], ...]]
-_INSERTS: dict[tuple[type[Dialect], str, Table, tuple[str, ...]], _Insert] = {}
+_INSERTS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Table, tuple[str, ...]], _Insert]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _bulk_insert(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Insert | None:
     """The compiled INSERT of `keys` into `table`; None when the driver's parameters are not
     positional (then SQLAlchemy does it all)."""
-    cache_key = (type(dialect), dialect.paramstyle, table, keys)
-    found = _INSERTS.get(cache_key)
+    inserts = _INSERTS.setdefault(dialect, {})
+    found = inserts.get((table, keys))
     if found is None:
         compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
         if not compiled.positional or compiled.positiontup is None:
@@ -247,7 +250,7 @@ def _bulk_insert(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Inse
         order = tuple(compiled.positiontup)
         if sorted(order) != sorted(keys):  # a default or an expression of its own: not ours
             return None
-        found = _INSERTS[cache_key] = (
+        found = inserts[(table, keys)] = (
             compiled.string,
             tuple((name, table.c[name].type.bind_processor(dialect)) for name in order),
         )
