@@ -11,7 +11,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -105,6 +110,60 @@ class HotHistogram(Collector):
         yield HistogramMetricFamily(self._name, self._documentation)
 
 
+class HotCount:
+    """One series of a `HotCounter`: an addition, no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        """Count one."""
+        self.value += 1
+
+
+class HotCounter(Collector):
+    """A labelled counter for the token path, exported exactly as prometheus_client's Counter
+    (with `*_created` series disabled, as `Metrics` does).
+
+    Like `HotHistogram`, it is updated from the daemon's event loop thread only, so a series
+    is a plain integer: prometheus_client's Counter takes a lock for every increment.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], HotCount] = {}
+        registry.register(self)
+
+    def labels(self, **labels: str) -> HotCount:
+        """The series of these label values (every label named), started at zero if new."""
+        if labels.keys() != set(self._labelnames):
+            raise ValueError(f"labels must be exactly {self._labelnames}")
+        key = tuple(labels[name] for name in self._labelnames)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = HotCount()
+        return series
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in self._series.items():
+            family.add_metric(key, float(series.value))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+
 def _bound_text(bound: float) -> str:
     """A bucket's `le` as prometheus_client writes it ("0.005", "1.0", "+Inf")."""
     text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
@@ -140,7 +199,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.token_requests = Counter(
+        self.token_requests = HotCounter(
             PREFIX + "token_requests",
             "Token requests by provider and outcome.",
             ["provider", "outcome"],

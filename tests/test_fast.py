@@ -8,7 +8,9 @@ second request on one keep-alive connection is the first the fast path can answe
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,3 +180,68 @@ def test_the_body_put_together_around_expires_in_is_the_json_of_the_whole(
         "user": user,
     }
     assert token_body(grant, expires_in) == json.dumps(whole).encode()
+
+
+async def exchange(socket: Path, requests: list[bytes]) -> list[bytes]:
+    """Each request sent on one raw connection in turn, and each whole answer as received."""
+    reader, writer = await asyncio.open_unix_connection(str(socket))
+    answers = []
+    try:
+        for raw in requests:
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.IGNORECASE)
+            assert length is not None, head
+            answers.append(head + await reader.readexactly(int(length[1])))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return answers
+
+
+def undated(answer: bytes) -> bytes:
+    """The answer with its Date header's value blanked (the two may straddle a second)."""
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", answer)
+
+
+@pytest.mark.parametrize(
+    ("version", "connection"),
+    [
+        ("HTTP/1.1", None),  # the written buffer
+        ("HTTP/1.1", "keep-alive"),
+        ("HTTP/1.0", "keep-alive"),  # aiohttp's Response: it adds Connection: keep-alive
+    ],
+)
+async def test_the_fast_answer_on_the_wire_is_the_full_routes_byte_for_byte(
+    api: Api, version: str, connection: str | None
+) -> None:
+    """Status line, every header in aiohttp's order (Content-Length, Date, Server included)
+    and body: the bytes the client reads are the same whichever path answered."""
+    extra = f"Connection: {connection}\r\n" if connection else ""
+    raw = f"GET {TOKEN_PATH} {version}\r\nHost: broker\r\n{extra}\r\n".encode()
+    before = answered(api)
+    full, fast, again = await exchange(api.socket, [raw, raw, raw])
+    assert answered(api) == before + 2  # the first request on a connection is the full route's
+    assert full.startswith(f"{version} 200 OK\r\n".encode()), full
+    assert b'"access_token": "fast-access-token-value"' in full
+    assert undated(fast) == undated(full)
+    assert undated(again) == undated(full)
+
+
+async def test_a_closing_request_is_answered_in_full_and_the_connection_closed(api: Api) -> None:
+    """`Connection: close` on HTTP/1.1: aiohttp's Response says so in a header and closes."""
+    keep = f"GET {TOKEN_PATH} HTTP/1.1\r\nHost: broker\r\n\r\n".encode()
+    close = f"GET {TOKEN_PATH} HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n".encode()
+    reader, writer = await asyncio.open_unix_connection(str(api.socket))
+    try:
+        before = answered(api)
+        writer.write(keep + close)  # pipelined: the second is the fast path's
+        received = await asyncio.wait_for(reader.read(), 10)  # to the end: the broker closes
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answered(api) == before + 1
+    first, _, second = received.partition(b"HTTP/1.1 200 OK\r\n")[2].partition(b"HTTP/1.1 ")
+    assert b"Connection: close" not in first
+    assert second.startswith(b"200 OK\r\n"), received
+    assert b"\r\nConnection: close\r\n" in second
