@@ -43,8 +43,8 @@ imports: $(STAMP)  ## the layering contracts of pyproject.toml
 pytest: $(STAMP)  ## the tests (starts its own PostgreSQL when the server binaries exist)
 	$(BIN)/pytest
 
-faults: $(STAMP)  ## the fault matrix (every fault x grace x store, ~8 min); prints the table
-	$(BIN)/pytest -m faults tests/test_faults.py
+faults: $(STAMP)  ## the fault matrix (every fault x grace x store) and 2 x 30 kills mid-rotation (~12 min)
+	$(BIN)/pytest -m faults tests/test_faults.py tests/test_rotation_crash.py
 
 fleet: $(STAMP)  ## three brokers on one PostgreSQL at the real IdP, with kills and outages (~7 min)
 	$(BIN)/pytest -m fleet tests/test_fleet_acceptance.py -s

@@ -11,6 +11,9 @@ A kill that lands after the broker wrote its intent record shows in the next inc
 as "recovering_refreshes" (grants=N) and one "refresh_outcome_unknown" per grant; a recovery
 that succeeds is a later "refresh" event with outcome success for that grant, one that cannot
 is "rotation_lost".
+
+The two runs of thirty kills take a minute or more each: `make faults` runs them with the fault
+matrix (CI runs both after `make test`); `make test` runs the single crash mid-rotation.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ async def final_check(
     return result
 
 
+@pytest.mark.faults
 async def test_with_refresh_grace_no_grant_is_lost_across_thirty_kills_mid_rotation(
     tmp_path: Path, log_dir: Path, django_idp_factory: DjangoIdPFactory
 ) -> None:
@@ -244,6 +248,7 @@ async def test_with_refresh_grace_no_grant_is_lost_across_thirty_kills_mid_rotat
     assert after["refresh_failed"] == before["refresh_failed"]
 
 
+@pytest.mark.faults
 async def test_without_grace_every_grant_is_usable_or_marked_rotation_lost_across_thirty_kills(
     tmp_path: Path, log_dir: Path, django_idp_factory: DjangoIdPFactory
 ) -> None:
