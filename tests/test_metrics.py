@@ -1,4 +1,4 @@
-"""The token path's lock-free histogram and counter are exported exactly as prometheus_client's own."""
+"""The token path's lock-free histogram and counter export exactly as prometheus_client's."""
 
 from __future__ import annotations
 
