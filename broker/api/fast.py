@@ -74,12 +74,18 @@ class _Body:
     grant: Grant
     head: bytes
     tail: bytes
-    headers: CIMultiDict[str]
+    tag: str  # the ETag
     expires_in: int = -1
     body: bytes = b""
-
     date: str = ""
     wire: bytes = b""  # status line, headers and body as aiohttp would write them
+
+    def headers(self) -> CIMultiDict[str]:
+        """The headers for aiohttp's `Response`, in the full route's order (see `token`)."""
+        headers = CIMultiDict(NO_STORE)
+        headers["ETag"] = self.tag
+        headers["Content-Type"] = "application/json"
+        return headers
 
     def at(self, expires_in: int) -> bytes:
         if expires_in != self.expires_in:
@@ -89,17 +95,21 @@ class _Body:
         return self.body
 
     def on_wire(self, expires_in: int, date: str) -> bytes:
-        """The whole answer on a keep-alive HTTP/1.1 connection, with this `Date`."""
+        """The whole answer on a keep-alive HTTP/1.1 connection, with this `Date`: the
+        response's own headers (as `headers`), then Content-Length (aiohttp's Response adds
+        it), then Date and Server (its StreamResponse adds them)."""
         body = self.at(expires_in)
         if date != self.date:
-            # The order aiohttp writes them in: the response's own headers, then
-            # Content-Length (Response), then Date and Server (StreamResponse).
-            lines = [f"{name}: {value}\r\n" for name, value in self.headers.items()]
-            lines.append(f"Content-Length: {len(body)}\r\nDate: {date}\r\n")
-            lines.append(f"Server: {SERVER_SOFTWARE}\r\n\r\n")
-            self.wire = b"HTTP/1.1 200 OK\r\n" + "".join(lines).encode() + body
+            self.wire = (
+                f"{_STATUS_AND_NO_STORE}ETag: {self.tag}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nDate: {date}\r\n{_SERVER}"
+            ).encode() + body
             self.date = date
         return self.wire
+
+
+_STATUS_AND_NO_STORE = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in NO_STORE.items())
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n"
 
 
 class _Written(web.StreamResponse):
@@ -205,7 +215,7 @@ class FastTokens:
         if request.version == HttpVersion11 and request.keep_alive:
             response = _Written(body.on_wire(expires_in, rfc822_formatted_time()))
         else:
-            response = web.Response(body=body.at(expires_in), headers=body.headers)
+            response = web.Response(body=body.at(expires_in), headers=body.headers())
         self._metrics.token_request_duration.observe(time.perf_counter() - started)
         self.answered += 1
         return response
@@ -233,11 +243,8 @@ class FastTokens:
             return cached
         if len(self._bodies) >= MAX_BODIES:
             self._bodies.clear()
-        headers = CIMultiDict(NO_STORE)  # in the full route's order (see `token`)
-        headers["ETag"] = etag(grant)
-        headers["Content-Type"] = "application/json"
         head, tail = token_body_around(grant)
-        body = self._bodies[grant.id] = _Body(grant, head, tail, headers)
+        body = self._bodies[grant.id] = _Body(grant, head, tail, etag(grant))
         return body
 
     def _counter(self, provider: str) -> HotCount:

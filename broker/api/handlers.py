@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any
 
 from aiohttp import web
@@ -106,21 +107,25 @@ def token_body(grant: Grant, expires_in: int) -> bytes:
 
 def token_body_around(grant: Grant) -> tuple[bytes, bytes]:
     """`token_body` before and after the `expires_in` number, which changes every second:
-    the token path keeps these per grant version and puts the number in between."""
+    the token path keeps these per grant version and puts the number in between.
+
+    Written out with json.dumps's own separators (", " and ": ") and its quoting of a string
+    (`encode_basestring_ascii`, what it uses with ensure_ascii), so the whole is what one
+    json.dumps would give (tests/test_fast.py checks it for any strings), in a quarter of the
+    time: a broker with more grants than the token path keeps answers for builds these for
+    most requests."""
     assert grant.tokens.access_token is not None
-    head = json.dumps(
-        {"access_token": grant.tokens.access_token.reveal(), "token_type": grant.token_type}
+    expires_at = rfc3339(grant.access_expires_at)
+    head = (
+        f'{{"access_token": {_quoted(grant.tokens.access_token.reveal())}, '
+        f'"token_type": {_quoted(grant.token_type)}, "expires_in": '
     )
-    tail = json.dumps(
-        {
-            "expires_at": rfc3339(grant.access_expires_at),
-            "scope": " ".join(grant.scopes),
-            "provider": grant.provider,
-            "user": grant.user,
-        }
+    tail = (
+        f', "expires_at": {"null" if expires_at is None else _quoted(expires_at)}, '
+        f'"scope": {_quoted(" ".join(grant.scopes))}, "provider": {_quoted(grant.provider)}, '
+        f'"user": {_quoted(grant.user)}}}'
     )
-    # json.dumps's own separators (", " and ": "), so the whole is what one dumps would give.
-    return f'{head[:-1]}, "expires_in": '.encode(), f", {tail[1:]}".encode()
+    return head.encode(), tail.encode()
 
 
 def _elapsed(started: float, held: bool) -> float | None:
