@@ -40,10 +40,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
-from multidict import CIMultiDict
 
 from broker.api.context import CLOCK, METRICS, POLICY, SERVICE
-from broker.api.handlers import NO_STORE, token_body_around
+from broker.api.handlers import token_body_around, token_headers
 from broker.api.identity import Caller, Peer
 from broker.api.watch import etag
 from broker.metrics import HotCount
@@ -69,7 +68,8 @@ class _Connection:
 
 @dataclass(slots=True)
 class _Body:
-    """One grant version's answer: the body around `expires_in`, the headers, the last body."""
+    """One grant version's answer: the body around `expires_in`, the ETag, the last body and
+    the last whole answer."""
 
     grant: Grant
     head: bytes
@@ -77,39 +77,34 @@ class _Body:
     tag: str  # the ETag
     expires_in: int = -1
     body: bytes = b""
-    date: str = ""
+    lines: str = ""  # the `token_headers` as written, once made
+    wire_for: tuple[int, str] = (-1, "")  # the `expires_in` and `Date` of `wire`
     wire: bytes = b""  # status line, headers and body as aiohttp would write them
 
-    def headers(self) -> CIMultiDict[str]:
-        """The headers for aiohttp's `Response`, in the full route's order (see `token`)."""
-        headers = CIMultiDict(NO_STORE)
-        headers["ETag"] = self.tag
-        headers["Content-Type"] = "application/json"
-        return headers
+    def headers(self) -> dict[str, str]:
+        """The headers for aiohttp's `Response` (when the answer is not `on_wire`)."""
+        return token_headers(self.tag)
 
     def at(self, expires_in: int) -> bytes:
         if expires_in != self.expires_in:
             self.body = self.head + str(expires_in).encode() + self.tail
             self.expires_in = expires_in
-            self.date = ""  # `wire` is stale
         return self.body
 
     def on_wire(self, expires_in: int, date: str) -> bytes:
         """The whole answer on a keep-alive HTTP/1.1 connection, with this `Date`: the
-        response's own headers (as `headers`), then Content-Length (aiohttp's Response adds
-        it), then Date and Server (its StreamResponse adds them)."""
-        body = self.at(expires_in)
-        if date != self.date:
+        response's own headers, then Content-Length (aiohttp's Response adds it), then Date
+        and Server (its StreamResponse adds them)."""
+        if (expires_in, date) != self.wire_for:
+            body = self.at(expires_in)
+            if not self.lines:
+                self.lines = "".join(f"{k}: {v}\r\n" for k, v in self.headers().items())
             self.wire = (
-                f"{_STATUS_AND_NO_STORE}ETag: {self.tag}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nDate: {date}\r\n{_SERVER}"
+                f"HTTP/1.1 200 OK\r\n{self.lines}Content-Length: {len(body)}\r\n"
+                f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
             ).encode() + body
-            self.date = date
+            self.wire_for = (expires_in, date)
         return self.wire
-
-
-_STATUS_AND_NO_STORE = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in NO_STORE.items())
-_SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n"
 
 
 class _Written(web.StreamResponse):

@@ -94,15 +94,19 @@ async def get_token(request: web.Request) -> web.Response:
     if condition is not None and matches(condition, tag):
         return web.Response(status=304, headers={**NO_STORE, "ETag": tag})
     body = token_body(grant, int(grant.access_ttl(request.app[CLOCK]())))
-    return web.Response(
-        body=body, content_type="application/json", headers={**NO_STORE, "ETag": tag}
-    )
+    return web.Response(body=body, headers=token_headers(tag))
 
 
 def token_body(grant: Grant, expires_in: int) -> bytes:
     """The JSON body serving `grant`'s access token (see the token route)."""
     head, tail = token_body_around(grant)
     return head + str(expires_in).encode() + tail
+
+
+def token_headers(tag: str) -> dict[str, str]:
+    """A served token's own headers, in the order they are written (the fast path's prepared
+    answers hold them in this order too)."""
+    return {**NO_STORE, "ETag": tag, "Content-Type": "application/json"}
 
 
 def token_body_around(grant: Grant) -> tuple[bytes, bytes]:
