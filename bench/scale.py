@@ -4,24 +4,35 @@ For each size the store is seeded (long-lived access tokens, so nothing comes du
 daemon is exec'd and timed until `/readyz` answers 200. After a settling pause its resident
 memory (VmRSS) is read, its CPU time (utime + stime from /proc/PID/stat) is taken over an idle
 window, and finally h2load measures token requests at 16 connections spread over every grant.
-The last table holds the largest size against the targets, the p99 against the 1k figure.
+With --requests below the grant count (the default at 100k), every request of that pass is the
+first for its grant since the daemon started: the daemon builds each grant's answer on its
+first request after a load or a rotation and keeps it, so that pass measures first answers.
+
+Then the token p99 of the largest size is compared with the 1k figure (the smallest size when
+1k is not among them) as services see it, asking again for tokens already served: both daemons
+run side by side, each first serves every one of its grants once, then h2load runs alternate
+between them (`--rounds`, the first of each pair swapped every round, so a drifting machine
+favours neither) and the median p99 of each is compared. The last table holds the largest size
+against the targets.
 
     python -m bench.scale [--sizes 0,1000,10000,100000] [--idle-seconds 30]
-                          [--requests 50000] [--smoke] [--json FILE]
+                          [--requests 50000] [--rounds 5] [--smoke] [--json FILE]
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import h2load
+from bench.h2load import LoadResult
 from bench.identity import ClientIdentity, token_client
-from bench.install import PROVIDER, Workspace, daemon, install, workspace
+from bench.install import PROVIDER, Installation, Workspace, daemon, install, workspace
 from bench.machine import busy_seconds
 from bench.options import counts, parser
 from bench.proc import cpu_seconds, rss_mib
@@ -56,9 +67,47 @@ class Footprint:
     others_cpu: float | None  # share of one core others took during the token run
 
 
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """A size's installation with its grants in the store, and the URIs of all of them."""
+
+    size: int
+    installation: Installation
+    uris: Path
+    out: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Token latency of two sizes, every grant served once, in alternating h2load runs."""
+
+    reference: int
+    largest: int
+    requests: int
+    reference_runs: list[LoadResult]
+    largest_runs: list[LoadResult]
+
+    @staticmethod
+    def median_p99(runs: list[LoadResult]) -> float:
+        return statistics.median(r.p99_ms for r in runs)
+
+    @staticmethod
+    def median_rps(runs: list[LoadResult]) -> float:
+        return statistics.median(r.rps for r in runs)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reference": self.reference,
+            "largest": self.largest,
+            "requests": self.requests,
+            "reference_runs": [r.as_dict() for r in self.reference_runs],
+            "largest_runs": [r.as_dict() for r in self.largest_runs],
+        }
+
+
 def measure(
     ws: Workspace, size: int, client: ClientIdentity, *, settle: float, idle: float, requests: int
-) -> Footprint:
+) -> tuple[Footprint, Seeded]:
     """Seed `size` grants, start the daemon, and measure it."""
     installation = install(ws.directory(f"scale-{size}"))
     installation.write_config(client=client)
@@ -95,7 +144,7 @@ def measure(
                 )
                 ours = cpu_seconds(process.pid) - cpu + load.client_cpu_s
                 others = max(0.0, busy_seconds() - busy - ours) / load.wall_s
-    return Footprint(
+    footprint = Footprint(
         grants=size,
         seed_s=seeded,
         ready_s=ready,
@@ -106,6 +155,45 @@ def measure(
         p50_ms=None if load is None else load.p50_ms,
         p99_ms=None if load is None else load.p99_ms,
         others_cpu=others,
+    )
+    return footprint, Seeded(size, installation, uris, out)
+
+
+def compare(
+    ws: Workspace,
+    reference: Seeded,
+    largest: Seeded,
+    client: ClientIdentity,
+    *,
+    rounds: int,
+    requests: int,
+) -> Comparison:
+    """Both daemons side by side: every grant served once, then alternating h2load runs."""
+    runs: dict[int, list[LoadResult]] = {reference.size: [], largest.size: []}
+    with (
+        daemon(reference.installation, ws.logs, f"compare-{reference.size}") as _,
+        daemon(largest.installation, ws.logs, f"compare-{largest.size}") as _,
+    ):
+
+        def one(seeded: Seeded, n: int) -> LoadResult:
+            return h2load.run(
+                seeded.installation.socket,
+                seeded.uris,
+                requests=n,
+                connections=CONNECTIONS,
+                log_file=seeded.out / "h2load-compare.log",
+                client=client,
+            )
+
+        for seeded in (reference, largest):  # every grant's answer built once
+            one(seeded, max(seeded.size, WARM_UP_REQUESTS))
+        for round_ in range(rounds):
+            pair = (reference, largest) if round_ % 2 == 0 else (largest, reference)
+            for seeded in pair:
+                runs[seeded.size].append(one(seeded, requests))
+                time.sleep(0.2)  # let the previous run's sockets close
+    return Comparison(
+        reference.size, largest.size, requests, runs[reference.size], runs[largest.size]
     )
 
 
@@ -133,16 +221,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--idle-seconds", type=float, default=30.0, help="idle window (default 30)")
     p.add_argument("--settle-seconds", type=float, default=5.0, help="pause after ready (5)")
-    p.add_argument("--requests", type=int, default=50_000, help="token requests per size")
+    p.add_argument(
+        "--requests", type=int, default=50_000, help="token requests per size and per run"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternating runs of each daemon when comparing the largest size with 1k (5)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.idle_seconds, args.settle_seconds, args.requests = [0, 20], 0.5, 0.1, 300
+        args.sizes, args.idle_seconds, args.settle_seconds = [0, 10, 20], 0.5, 0.1
+        args.requests, args.rounds = 300, 1
     h2load.h2load_path()
     client = token_client()
     with workspace(args.log_dir, args.keep) as ws:
         report = Report.start("scale", ws.root)
-        footprints = [
-            measure(
+        footprints, seeded = [], []
+        for size in args.sizes:
+            footprint, installed = measure(
                 ws,
                 size,
                 client,
@@ -150,16 +248,32 @@ def main(argv: Sequence[str] | None = None) -> None:
                 idle=args.idle_seconds,
                 requests=args.requests,
             )
-            for size in args.sizes
-        ]
-        report.results = {"footprints": [asdict(f) for f in footprints]}
-        report.tables = _tables(footprints, args.idle_seconds, args.requests, client)
+            footprints.append(footprint)
+            seeded.append(installed)
+        served = [s for s in seeded if s.size]
+        comparison = None
+        if len(served) > 1 and args.rounds > 0:
+            reference = next((s for s in served if s.size == REFERENCE_SIZE), served[0])
+            largest = max(served, key=lambda s: s.size)
+            if largest is not reference:
+                comparison = compare(
+                    ws, reference, largest, client, rounds=args.rounds, requests=args.requests
+                )
+        report.results = {
+            "footprints": [asdict(f) for f in footprints],
+            "comparison": None if comparison is None else comparison.as_dict(),
+        }
+        report.tables = _tables(footprints, comparison, args.idle_seconds, args.requests, client)
         report.finish()
     report.emit(args.json)
 
 
 def _tables(
-    footprints: list[Footprint], idle: float, requests: int, client: ClientIdentity
+    footprints: list[Footprint],
+    comparison: Comparison | None,
+    idle: float,
+    requests: int,
+    client: ClientIdentity,
 ) -> list[Table]:
     sizes = Table(
         "Scale: start-up, memory, idle cost and token latency by grant count",
@@ -215,19 +329,56 @@ def _tables(
         f"< {TARGET_IDLE_CPU:.1%}",
         verdict(largest.idle_cpu < TARGET_IDLE_CPU),
     )
+    if comparison is not None:
+        ref_p99 = comparison.median_p99(comparison.reference_runs)
+        big_p99 = comparison.median_p99(comparison.largest_runs)
+        limit = ref_p99 * (1 + TARGET_P99_GROWTH)
+        targets.add(
+            "token p99 ms, side by side (medians)",
+            big_p99,
+            f"<= {limit:.2f} ({comparison.reference:,} p99 {ref_p99:.2f} + 10%)",
+            verdict(big_p99 <= limit),
+        )
     if reference is not None and reference.p99_ms and largest.p99_ms:
-        limit = reference.p99_ms * (1 + TARGET_P99_GROWTH)
         targets.add(
-            "token p99 ms",
+            "token p99 ms, first answers",
             largest.p99_ms,
-            f"<= {limit:.2f} (1k p99 + 10%)",
-            verdict(largest.p99_ms <= limit),
+            f"(1k: {reference.p99_ms:.2f})",
+            None,
         )
-    else:
-        targets.add(
-            "token p99 ms", largest.p99_ms, f"within 10% of the {REFERENCE_SIZE:,} figure", None
+    targets.notes = [
+        "first answers: the sizes table's token pass, where each request may be the first for "
+        "its grant since start-up (the daemon then builds the grant's answer and keeps it)",
+    ]
+    tables = [sizes]
+    if comparison is not None:
+        tables.append(_comparison_table(comparison))
+    return [*tables, targets]
+
+
+def _comparison_table(comparison: Comparison) -> Table:
+    table = Table(
+        f"Token latency, {comparison.reference:,} against {comparison.largest:,} grants, "
+        "side by side, alternating",
+        ["grants", "runs", "req/s, median", "p99 ms, each run", "p99 ms, median"],
+    )
+    for size, runs in (
+        (comparison.reference, comparison.reference_runs),
+        (comparison.largest, comparison.largest_runs),
+    ):
+        table.add(
+            size,
+            len(runs),
+            comparison.median_rps(runs),
+            ", ".join(f"{r.p99_ms:.2f}" for r in runs),
+            comparison.median_p99(runs),
         )
-    return [sizes, targets]
+    table.notes = [
+        "both daemons running; each first served every one of its grants once; then "
+        f"{comparison.requests:,} GETs per run at {CONNECTIONS} connections, the two daemons "
+        "taking turns, the first of each pair swapped every round",
+    ]
+    return table
 
 
 if __name__ == "__main__":

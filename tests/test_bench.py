@@ -122,15 +122,21 @@ def test_rotation_rotates_every_grant_on_postgresql(
 
 
 def test_scale_measures_each_size(h2load: None, tmp_path: Path, log_dir: Path) -> None:
-    """Scale starts a daemon per size and reports readiness, memory, idle CPU and p99."""
+    """Scale starts a daemon per size and reports readiness, memory, idle CPU and p99, then
+    compares the largest size's p99 with the smallest's, the two daemons side by side."""
     stdout, results = run_bench("bench.scale", tmp_path, log_dir)
     assert "Scale targets" in stdout
     sizes = rows(results, "Scale: ")
-    assert [row[0] for row in sizes] == [0, 20]
+    assert [row[0] for row in sizes] == [0, 10, 20]
     assert all(row[1] > 0 and row[2] > 0 for row in sizes)
     assert sizes[0][5] is None  # no token requests against an empty store
     assert all(row[7] > 0 for row in sizes[1:])
-    assert_clean_logs(log_dir, "scale-0", "scale-20")
+    compared = rows(results, "Token latency, 10 against 20")
+    assert [(row[0], row[1]) for row in compared] == [(10, 1), (20, 1)]
+    assert all(row[4] > 0 for row in compared)
+    comparison = results["results"]["comparison"]
+    assert (comparison["reference"], comparison["largest"]) == (10, 20)
+    assert_clean_logs(log_dir, "scale-0", "scale-10", "scale-20", "compare-10", "compare-20")
 
 
 def test_bulk_import_through_make_bench_stores_every_posted_grant(
