@@ -60,6 +60,7 @@ from broker.store.logins import LoginRepository
 from broker.store.migrate import upgrade
 from broker.store.nodes import NodeRepository
 from broker.store.repository import GrantRepository
+from broker.store.sealing import file_stamp
 from broker.systemd import Notifier, activated_sockets, keepalive
 from broker.tasks import Tasks, wait_event
 
@@ -159,6 +160,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - whatever the store raises makes us unready
             problems.append(f"store: {type(exc).__name__}: the database does not answer")
         try:
+            repository.sealer.refresh()  # `keys rotate` may have written a new primary key
             if repository.keyring.primary not in self.load_keys().keys:
                 problems.append("keys: the keyring file no longer holds the key in use")
         except KeyringError as exc:
@@ -185,6 +187,7 @@ class Daemon:
                 engine,
                 keyring,
                 reload_keyring=self.load_keys,
+                keyring_stamp=lambda: file_stamp(self._key_path),
                 node_timeout=self.config.store.node_timeout,
             )
             await self._wait_for_database(repository)

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 
 import broker
-from broker.crypto import Keyring, write_keyring
+from broker.crypto import Keyring, load_keyring, write_keyring
 from broker.daemon import _awaiting
 from broker.store.engine import create_engine
 from broker.store.migrate import current_revision, head_revision, upgrade
@@ -370,6 +370,19 @@ def test_a_tcp_port_in_use_is_a_clean_startup_error(tmp_path: Path, log_dir: Pat
     assert "Traceback" not in log
 
 
+def keys_rotate(home: Home) -> None:
+    """Run `token-broker keys rotate` on the home's config; it must succeed."""
+    rotated = subprocess.run(
+        [sys.executable, "-m", "broker", "-c", str(home.config), "keys", "rotate"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+
+
 def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
     tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
 ) -> None:
@@ -391,15 +404,7 @@ def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
         }
         assert request(home.socket, "POST", "/v1/grants", body).status == 201
         assert request(home.socket, "GET", "/readyz").status == 200
-        rotated = subprocess.run(
-            [sys.executable, "-m", "broker", "-c", str(home.config), "keys", "rotate"],
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=60,
-            check=False,
-        )
-        assert rotated.returncode == 0, rotated.stderr
+        keys_rotate(home)
         ready = request(home.socket, "GET", "/readyz")
         assert ready.status == 503
         [problem] = ready.json()["problems"]
@@ -408,6 +413,40 @@ def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
         # An admin read of the re-sealed grant fails; the log says why, as the answer promises.
         assert request(home.socket, "GET", "/v1/grants/techniek/alice").status == 500
         assert '"event": "request_failed"' in daemon.log()
+
+
+def test_keys_rotated_under_a_daemon_reading_the_key_file_are_taken_up_at_once(
+    tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
+) -> None:
+    """`keys rotate` next to a daemon that reads the keyring file itself: it stays ready, and
+    what it seals from then on (a grant imported after) is sealed with the new primary key."""
+    home = make_home(tmp_path)
+
+    def grant(user: str) -> dict[str, object]:
+        return {
+            "provider": "techniek",
+            "user": user,
+            "refresh_token": new_secret("refresh"),
+            "access_token": new_secret("access"),
+            "expires_in": 3600,
+        }
+
+    def key_ids() -> dict[str, str]:
+        with contextlib.closing(sqlite3.connect(home.db)) as db:
+            return dict(db.execute("SELECT user_name, key_id FROM grants").fetchall())
+
+    with running_daemon(home, log_dir) as daemon:
+        assert request(home.socket, "POST", "/v1/grants", grant("alice")).status == 201
+        assert request(home.socket, "GET", "/readyz").status == 200
+        keys_rotate(home)
+        primary = load_keyring(home.key_file).primary
+        assert key_ids() == {"alice": primary}
+        ready = request(home.socket, "GET", "/readyz")
+        assert ready.status == 200, ready.body
+        assert request(home.socket, "POST", "/v1/grants", grant("bob")).status == 201
+        assert key_ids() == {"alice": primary, "bob": primary}
+        assert request(home.socket, "GET", "/v1/grants/techniek/alice").status == 200
+        assert '"event": "keyring_reloaded"' in daemon.log()
 
 
 async def test_a_slow_stop_names_what_it_waits_for() -> None:

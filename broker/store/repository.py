@@ -21,7 +21,7 @@ from broker.errors import ConflictError
 from broker.model import Grant, GrantState
 from broker.store.rotations import RotationWrites, notice
 from broker.store.rows import GrantRows, verify_keys
-from broker.store.sealing import Sealer
+from broker.store.sealing import Sealer, Stamp
 from broker.store.session import Database, insert_rows, stamp_writes, take_versions
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
@@ -75,11 +75,12 @@ class GrantRepository(RotationWrites):
         keyring: Keyring,
         reload_keyring: Callable[[], Keyring] | None = None,
         *,
+        keyring_stamp: Callable[[], Stamp] | None = None,
         node_timeout: timedelta | None = None,
     ) -> None:
         self._db = Database(engine)
         self.node_timeout = node_timeout
-        self.sealer = Sealer(keyring, reload_keyring)
+        self.sealer = Sealer(keyring, reload_keyring, keyring_stamp)
         self._rows = GrantRows(self.sealer)
 
     @property
