@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -180,7 +180,7 @@ class GrantService:
         grant = self._cache.get(provider, user) or await self._load_missing(provider, user)
         now = self._clock()
         if grant.state is not GrantState.ACTIVE:
-            return self._after_refusal(grant, now)
+            return self._after_refusal(grant, now, min_ttl)
         refresher = self._refresher
         if refresher is not None:
             self._refuse_while_storing(grant)
@@ -190,7 +190,7 @@ class GrantService:
                 grant = await self._rotation_ended(grant)
                 now = self._clock()
                 if grant.state is not GrantState.ACTIVE:
-                    return self._after_refusal(grant, now)
+                    return self._after_refusal(grant, now, min_ttl)
                 self._refuse_while_storing(grant)
                 if (
                     refresher.is_rotating(grant.id)
@@ -210,7 +210,7 @@ class GrantService:
             await refresher.wait(grant, CALLER_WAIT_SECONDS)
             grant, now = self._cached(provider, user), self._clock()
             if grant.state is not GrantState.ACTIVE:
-                return self._after_refusal(grant, now)
+                return self._after_refusal(grant, now, min_ttl)
             self._refuse_while_storing(grant)
         if grant.access_ttl(now) > 0 and grant.intent_at is None:
             return grant
@@ -307,13 +307,18 @@ class GrantService:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
         return grant
 
-    def _after_refusal(self, grant: Grant, now: datetime) -> Grant:
-        """A grant that needs a login still serves its access token until it really expires.
+    def _after_refusal(self, grant: Grant, now: datetime, min_ttl: float) -> Grant:
+        """A grant that needs a login still serves its access token until it really expires,
+        to callers asking for no more life than it has left (no refresh can give more).
 
         Not after rotation_lost: the provider has most likely rotated, and so deleted it.
         """
         lost = (grant.last_error or "").startswith(ROTATION_LOST)
-        if grant.state is GrantState.REAUTH_REQUIRED and not lost and grant.access_ttl(now) > 0:
+        if (
+            grant.state is GrantState.REAUTH_REQUIRED
+            and not lost
+            and grant.access_ttl(now) > max(min_ttl, 0)
+        ):
             return grant
         reason = grant.last_error or grant.state.value
         raise ReauthRequired(f"grant {grant.name} needs a new login: {reason}")
@@ -443,7 +448,8 @@ class GrantService:
         provider = self.check_address(request.provider, request.user)
         if request.access_token is not None and request.expires_in is None:
             raise BadRequest("expires_in is required with access_token")
-        if existing is not None and not request.force:
+        # A grant that needs a login holds nothing worth keeping: an import is its rescue.
+        if existing is not None and existing.state is GrantState.ACTIVE and not request.force:
             raise BadRequest(
                 f"grant {existing.name} already exists; import with force to replace its tokens"
             )
@@ -453,7 +459,7 @@ class GrantService:
             else now + timedelta(seconds=request.expires_in)
         )
         tokens = TokenSet(refresh_token=request.refresh_token, access_token=request.access_token)
-        return self._grant(
+        grant = self._grant(
             existing,
             request.provider,
             request.user,
@@ -465,6 +471,8 @@ class GrantService:
             expires_at=expires_at,
             now=now,
         )
+        # Issued elsewhere, at a time not known: a caller's min_ttl may refresh it at once.
+        return replace(grant, access_issued_at=None)
 
     async def _save(
         self,

@@ -524,6 +524,30 @@ async def test_import_creates_then_refuses_a_duplicate_then_force_replaces(
     assert token["expires_in"] == 1800
 
 
+async def test_an_import_over_a_grant_that_needs_a_login_replaces_it_without_force(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """A refused grant holds nothing worth keeping: importing new tokens rescues it (200, the
+    next generation, active again), with no force needed."""
+    first = await api.import_grant(
+        provider="techniek", user="alice", refresh_token=new_secret("rt")
+    )
+    assert first.status == 201
+    stored = await api.repository.get("techniek", "alice")
+    assert stored is not None
+    refused = replace(stored, state=GrantState.REAUTH_REQUIRED, last_error="invalid_grant")
+    await api.repository.replace_tokens(refused, stored.generation, api.clock())
+    await api.service.load()
+    access = new_secret("at")
+    fresh = {"refresh_token": new_secret("rt"), "access_token": access, "expires_in": 1800}
+    rescued = await api.import_grant(provider="techniek", user="alice", **fresh)
+    assert rescued.status == 200, rescued.text
+    assert rescued.json()["state"] == "active"
+    assert rescued.json()["generation"] == stored.generation + 2
+    token = await api.call("GET", "/v1/tokens/techniek/alice")
+    assert token.json()["access_token"] == access
+
+
 async def test_import_answers_with_the_summary_and_no_secret(
     api: Api, new_secret: Callable[[str], str]
 ) -> None:
@@ -721,6 +745,25 @@ async def test_grant_views_have_every_field_and_no_secret(
     assert one.json()["state"] == "active"
     assert one.json()["last_error"] is None
     assert one.json()["access_expires_at"] == "2030-01-02T04:04:05Z"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/tokens/techniek/{user}"),
+        ("GET", "/v1/grants/techniek/{user}"),
+        ("POST", "/v1/grants/techniek/{user}/refresh"),
+        ("DELETE", "/v1/grants/techniek/{user}"),
+    ],
+)
+@pytest.mark.parametrize("user", ["bad%20user", "a%2Fb", "x" * 129, "%C3%A9"])
+async def test_a_malformed_user_label_is_a_bad_request(
+    api: Api, method: str, path: str, user: str
+) -> None:
+    """A USER that is not a label the contract allows is 400 bad_request, saying which form
+    it must take, not 404 (it cannot name a grant)."""
+    body = assert_problem(await api.call(method, path.format(user=user)), 400, "bad_request")
+    assert "[A-Za-z0-9._@-]{1,128}" in body["detail"]
 
 
 async def test_an_unknown_grant_view_is_404(api: Api) -> None:

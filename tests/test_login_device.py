@@ -67,7 +67,7 @@ async def start_device(
     if method is not None:
         body["method"] = method
     reply = await broker.call("POST", "/v1/logins", body)
-    assert reply.status in (200, 201), reply.text
+    assert reply.status == 201, reply.text
     assert reply.headers["Cache-Control"] == "no-store"
     data = reply.json()
     assert set(data) == DEVICE_FIELDS | {"expires_at"}, data
@@ -272,13 +272,13 @@ async def test_a_client_not_allowed_the_device_grant_fails_with_unauthorized_cli
 async def test_a_second_device_login_while_one_is_pending_joins_it(
     tmp_path: Path, log_dir: Path, shared_idp: DjangoIdP
 ) -> None:
-    """The second POST answers 200 with the same login and code (DOT issued no second code);
+    """The second POST answers 201 with the same login and code (DOT issued no second code);
     entering that code completes the one login; after it, a third POST starts a new one."""
     async with serving_broker(tmp_path, log_dir, {PROVIDER: device_provider(shared_idp)}) as broker:
         first = await start_device(broker)
         second = await start_device(broker)
         assert first.status == 201
-        assert second.status == 200
+        assert second.status == 201
         assert (second.id, second.user_code, second.expires_at) == (
             first.id,
             first.user_code,
@@ -317,7 +317,7 @@ async def test_a_second_device_login_asking_for_force_lends_it_to_the_pending_on
 
         pending = await start_device(broker)
         forced = await start_device(broker, force=True)
-        assert (forced.status, forced.id) == (200, pending.id)
+        assert (forced.status, forced.id) == (201, pending.id)
         await enter_user_code(
             pending.verification_uri, "bob", "bob-password", user_code=pending.user_code
         )

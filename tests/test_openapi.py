@@ -796,7 +796,7 @@ async def test_a_login_and_the_grant_it_makes_conform_end_to_end(
 async def test_a_device_login_conforms_when_started_joined_and_ended(
     tmp_path: Path, log_dir: Path, contract: Contract, shared_idp: DjangoIdP
 ) -> None:
-    """Against a real IdP: a device login's 201, the 200 of a second one joining it, its pending
+    """Against a real IdP: a device login's 201, the 201 of a second one joining it, its pending
     and complete states, and the 400 for a method there is not, answer as the document says."""
     provider = techniek(shared_idp, client_id=shared_idp.device_client_id)
     body = {"provider": PROVIDER, "user": "alice", "method": "device"}
@@ -806,7 +806,7 @@ async def test_a_device_login_conforms_when_started_joined_and_ended(
         assert_conforms(contract, "POST", LOGINS, started)
         conftest.SECRETS.add(started.json()["user_code"])
         joined = await broker.call("POST", LOGINS, body)
-        assert joined.status == 200, joined.text
+        assert joined.status == 201, joined.text
         assert_conforms(contract, "POST", LOGINS, joined)
         login_id = started.json()["login_id"]
         pending = await broker.call("GET", f"/v1/logins/{login_id}")

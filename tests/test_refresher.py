@@ -483,6 +483,43 @@ async def test_after_invalid_grant_the_old_access_token_is_served_until_it_expir
     assert len(idp.calls) == 1
 
 
+async def test_after_invalid_grant_asking_more_life_than_is_left_is_told_to_log_in(
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock
+) -> None:
+    """No refresh can give a refused grant more life: a caller's min_ttl beyond what its token
+    has left is a 409, while callers asking less are still served (5)."""
+    b = broker(repo, idp, clock)
+    grant = await b.login(idp, "alice", clock())
+    clock.advance(DUE)
+    idp.fail_next(Fault.REJECTED)
+    await b.refresher.refresh(grant)
+    left = ACCESS_LIFETIME - DUE
+    served = await b.service.token(PROVIDER, "alice", min_ttl=left - 60)
+    assert served.tokens.access_token == grant.tokens.access_token
+    with pytest.raises(ReauthRequired, match="needs a new login"):
+        await b.service.token(PROVIDER, "alice", min_ttl=left + 60)
+    assert len(idp.calls) == 1
+
+
+async def test_right_after_an_import_a_callers_min_ttl_refreshes_at_once(
+    repo: GrantRepository, idp: ModelIdp, clock: HandClock
+) -> None:
+    """An imported access token was issued elsewhere, when is not known: a caller asking for
+    more life than it has gets it refreshed at once; the token that refresh issued is not
+    refreshed again for the next caller asking the same."""
+    b = broker(repo, idp, clock)
+    grant = await b.login(idp, "alice", clock())  # an import, as `token-broker import` does
+    clock.advance(1)
+    served = await b.service.token(PROVIDER, "alice", min_ttl=ACCESS_LIFETIME)
+    assert served.generation == grant.generation + 1
+    assert len(idp.calls) == 1
+    clock.advance(1)
+    again = await b.service.token(PROVIDER, "alice", min_ttl=ACCESS_LIFETIME)
+    assert again.generation == served.generation
+    assert len(idp.calls) == 1
+    assert idp.violations == []
+
+
 @pytest.mark.parametrize("fault", [Fault.UNREACHABLE, Fault.TRANSIENT_OAUTH])
 async def test_transient_failures_back_off_and_keep_every_token(
     repo: GrantRepository, idp: ModelIdp, clock: HandClock, fault: Fault

@@ -17,7 +17,7 @@ from broker.api.watch import MAX_WAIT_SECONDS, etag, matches, next_token
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.grants import Import
 from broker.login import METHODS, DeviceLoginStarted
-from broker.model import Grant, GrantSummary, Secret
+from broker.model import USER_RE, Grant, GrantSummary, Secret
 
 MAX_MIN_TTL = 86_400
 MAX_SECRET_CHARS = 16_384
@@ -64,6 +64,7 @@ async def get_token(request: web.Request) -> web.Response:
     condition = request.headers.get("If-None-Match")
     held = False
     try:
+        _check_user(user)
         min_ttl, wait = _token_query(request)
         caller = request[CALLER]
         if not caller.may_fetch(provider, user):
@@ -132,6 +133,13 @@ def token_body_around(grant: Grant) -> tuple[bytes, bytes]:
     return head.encode(), tail.encode()
 
 
+def _check_user(user: str) -> str:
+    """`user` when it is a well-formed label (the contract's); else BadRequest."""
+    if not USER_RE.fullmatch(user):
+        raise BadRequest("user must match [A-Za-z0-9._@-]{1,128}")
+    return user
+
+
 def _elapsed(started: float, held: bool) -> float | None:
     # A held request's time is the caller's chosen wait, not the broker's speed.
     return None if held else time.perf_counter() - started
@@ -198,10 +206,8 @@ async def list_grants(request: web.Request) -> web.Response:
 async def get_grant(request: web.Request) -> web.Response:
     """GET /v1/grants/{provider}/{user}."""
     _require_admin(request)
-    summary = await request.app[SERVICE].summary(
-        request.match_info["provider"], request.match_info["user"]
-    )
-    return _json(summary_json(summary))
+    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
+    return _json(summary_json(await request.app[SERVICE].summary(provider, user)))
 
 
 async def import_grant(request: web.Request) -> web.Response:
@@ -293,16 +299,14 @@ async def _import_lines(request: web.Request) -> web.Response:
 async def refresh_grant(request: web.Request) -> web.Response:
     """POST /v1/grants/{provider}/{user}/refresh: refresh now; the grant afterwards."""
     _require_admin(request)
-    summary = await request.app[SERVICE].refresh_now(
-        request.match_info["provider"], request.match_info["user"]
-    )
-    return _json(summary_json(summary))
+    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
+    return _json(summary_json(await request.app[SERVICE].refresh_now(provider, user)))
 
 
 async def revoke_grant(request: web.Request) -> web.Response:
     """DELETE /v1/grants/{provider}/{user}: revoke at the IdP where possible, then delete."""
     _require_admin(request)
-    provider, user = request.match_info["provider"], request.match_info["user"]
+    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
     revoked = await request.app[SERVICE].revoke(provider, user)
     return _json(
         {"provider": provider, "user": user, "state": "revoked", "revoked_at_provider": revoked}
@@ -314,7 +318,8 @@ _LOGIN_FIELDS = {"provider", "user", "force", "method"}
 
 async def start_login(request: web.Request) -> web.Response:
     """POST /v1/logins: a pending login, and where to send the person (code flow) or what to
-    tell them (device grant); 200 instead of 201 when a device login was already pending."""
+    tell them (device grant); 201 also when a device login was already pending (that same
+    login again)."""
     _require_admin(request)
     body = await _json_object(request)
     unknown = sorted(set(body) - _LOGIN_FIELDS)
@@ -338,7 +343,7 @@ async def start_login(request: web.Request) -> web.Response:
         }
         if started.verification_uri_complete is not None:
             device["verification_uri_complete"] = started.verification_uri_complete
-        return _json(device, status=200 if started.joined else 201, headers=NO_STORE)
+        return _json(device, status=201, headers=NO_STORE)
     return _json(
         {
             "login_id": started.login_id,
