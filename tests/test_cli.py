@@ -144,18 +144,32 @@ def test_config_option_works_before_and_after_the_subcommand(
         assert "2 provider(s)" in out
 
 
+def test_config_option_between_a_group_and_its_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`db -c F upgrade` and `keys -c F status` read F, as `-c F db upgrade` does."""
+    home = make_home(tmp_path)
+    assert main(["db", "-c", str(home.config), "upgrade"]) == 0
+    assert "store upgraded" in capsys.readouterr().out
+    # Without F it would read /etc/token-broker/config.toml, which is not there: exit 1.
+    assert main(["keys", "-c", str(home.config), "status"]) == 0
+
+
 def test_config_option_after_a_client_command_picks_its_socket(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Client commands find the socket from `-c` given before or after them, or from --socket."""
+    """Client commands find the socket from `-c` given before or after them (or between a
+    group and its command), or from --socket."""
     home = make_home(tmp_path)
     other = tmp_path / "elsewhere.sock"
     cases = [
         (["-c", str(home.config), "grants", "list"], home.socket),
         (["grants", "list", "-c", str(home.config)], home.socket),
+        (["grants", "-c", str(home.config), "list"], home.socket),
         (["token", "techniek", "alice", "-c", str(home.config)], home.socket),
         (["--socket", str(other), "grants", "list"], other),
         (["grants", "list", "--socket", str(other)], other),
+        (["grants", "--socket", str(other), "show", "techniek", "alice"], other),
     ]
     for argv, sock in cases:
         assert main(argv) == 4, argv

@@ -227,7 +227,8 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(handler=cmd_check_config)
 
-    db = sub.add_parser("db", help="store maintenance").add_subparsers(
+    # The groups take -c too, so it may also come between a group and its command.
+    db = sub.add_parser("db", parents=[plain], help="store maintenance").add_subparsers(
         dest="db_command", required=True, metavar="COMMAND"
     )
     p = db.add_parser(
@@ -238,7 +239,7 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(handler=cmd_db_upgrade)
 
-    keys = sub.add_parser("keys", help="the encryption keyring").add_subparsers(
+    keys = sub.add_parser("keys", parents=[plain], help="the encryption keyring").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
     )
     key_file = options()

@@ -431,9 +431,10 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing grant's tokens")
     p.set_defaults(handler=cmd_import)
 
-    grants = sub.add_parser("grants", help="admin views of grants").add_subparsers(
-        dest="grants_command", required=True, metavar="COMMAND"
-    )
+    # The group takes -c and --socket too, so they may also come between it and its command.
+    grants = sub.add_parser(
+        "grants", parents=[client], help="admin views of grants"
+    ).add_subparsers(dest="grants_command", required=True, metavar="COMMAND")
     p = grants.add_parser(
         "list", parents=[client], help="list grants", description="List grants, without secrets."
     )
