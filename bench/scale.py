@@ -5,8 +5,9 @@ daemon is exec'd and timed until `/readyz` answers 200. After a settling pause i
 memory (VmRSS) is read, its CPU time (utime + stime from /proc/PID/stat) is taken over an idle
 window, and finally h2load measures token requests at 16 connections spread over every grant.
 With --requests below the grant count (the default at 100k), every request of that pass is the
-first for its grant since the daemon started: the daemon builds each grant's answer on its
-first request after a load or a rotation and keeps it, so that pass measures first answers.
+first for its grant since the daemon started: the daemon builds a grant's answer on its first
+request after a load or a rotation and keeps up to `broker.api.fast.MAX_BODIES` of them (no
+second copy of every access token), so that pass measures first answers.
 
 Then the token p99 of the largest size is compared with the 1k figure (the smallest size when
 1k is not among them) as services see it, asking again for tokens already served: both daemons
@@ -38,6 +39,7 @@ from bench.options import counts, parser
 from bench.proc import cpu_seconds, rss_mib
 from bench.report import Report, Table, verdict
 from bench.seed import Lifetimes, seed
+from broker.api.fast import MAX_BODIES
 from tests.daemon import request
 
 READY_TIMEOUT = 300.0
@@ -348,7 +350,8 @@ def _tables(
         )
     targets.notes = [
         "first answers: the sizes table's token pass, where each request may be the first for "
-        "its grant since start-up (the daemon then builds the grant's answer and keeps it)",
+        f"its grant since start-up (the daemon builds a grant's answer then and keeps up to "
+        f"{MAX_BODIES:,}; beyond that many grants, answers are built again)",
     ]
     tables = [sizes]
     if comparison is not None:
@@ -374,7 +377,8 @@ def _comparison_table(comparison: Comparison) -> Table:
             comparison.median_p99(runs),
         )
     table.notes = [
-        "both daemons running; each first served every one of its grants once; then "
+        f"both daemons running (each keeps the answers of up to {MAX_BODIES:,} grants); each "
+        "first served every one of its grants once; then "
         f"{comparison.requests:,} GETs per run at {CONNECTIONS} connections, the two daemons "
         "taking turns, the first of each pair swapped every round",
     ]
