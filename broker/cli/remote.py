@@ -428,7 +428,12 @@ def register(sub: Any) -> None:
         "--expires-in", type=int, metavar="SECONDS", help="remaining life of the access token"
     )
     p.add_argument("--scope", help="space-separated scopes (default: the provider's)")
-    p.add_argument("--force", action="store_true", help="replace an existing grant's tokens")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the tokens of an existing active grant (one that needs a login is "
+        "replaced without it)",
+    )
     p.set_defaults(handler=cmd_import)
 
     # The group takes -c and --socket too, so they may also come between it and its command.
