@@ -173,8 +173,8 @@ def compare(
     """Both daemons side by side: every grant served once, then alternating h2load runs."""
     runs: dict[int, list[LoadResult]] = {reference.size: [], largest.size: []}
     with (
-        daemon(reference.installation, ws.logs, f"compare-{reference.size}") as _,
-        daemon(largest.installation, ws.logs, f"compare-{largest.size}") as _,
+        daemon(reference.installation, ws.logs, f"compare-{reference.size}"),
+        daemon(largest.installation, ws.logs, f"compare-{largest.size}"),
     ):
 
         def one(seeded: Seeded, n: int) -> LoadResult:

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -98,6 +98,13 @@ class LoginResult:
     access_expires_at: datetime
     claims: dict[str, Any]
     force: bool
+
+
+def check_user(user: str) -> str:
+    """`user` when it is a well-formed USER label (CONTRACT.md); else BadRequest."""
+    if not USER_RE.fullmatch(user):
+        raise BadRequest("user must match [A-Za-z0-9._@-]{1,128}")
+    return user
 
 
 class GrantService:
@@ -459,7 +466,7 @@ class GrantService:
             else now + timedelta(seconds=request.expires_in)
         )
         tokens = TokenSet(refresh_token=request.refresh_token, access_token=request.access_token)
-        grant = self._grant(
+        return self._grant(
             existing,
             request.provider,
             request.user,
@@ -470,9 +477,9 @@ class GrantService:
             token_type="Bearer",
             expires_at=expires_at,
             now=now,
+            # Issued elsewhere, at a time not known: a caller's min_ttl may refresh it at once.
+            issued_at=None,
         )
-        # Issued elsewhere, at a time not known: a caller's min_ttl may refresh it at once.
-        return replace(grant, access_issued_at=None)
 
     async def _save(
         self,
@@ -500,6 +507,7 @@ class GrantService:
             token_type=token_type,
             expires_at=expires_at,
             now=now,
+            issued_at=now,  # from the provider, just now
         )
         if existing is None:
             stored = await self._repository.insert(grant, now)
@@ -521,8 +529,10 @@ class GrantService:
         token_type: str,
         expires_at: datetime | None,
         now: datetime,
+        issued_at: datetime | None,
     ) -> Grant:
-        """A new grant, or new tokens over an existing one, as it is to be written."""
+        """A new grant, or new tokens over an existing one, as it is to be written; the access
+        token issued at `issued_at` (None: not known)."""
         return Grant(
             id="" if existing is None else existing.id,
             provider=provider,
@@ -534,7 +544,7 @@ class GrantService:
             scopes=scopes,
             token_type=token_type,
             access_expires_at=expires_at,
-            access_issued_at=None if expires_at is None else now,
+            access_issued_at=None if expires_at is None else issued_at,
             next_refresh_at=self._first_refresh(tokens, expires_at, now),
             claims=claims,
             created_at=None if existing is None else existing.created_at,
@@ -653,6 +663,5 @@ class GrantService:
         if not PROVIDER_RE.fullmatch(provider) or provider not in self._providers:
             known = ", ".join(sorted(self._providers)) or "none"
             raise BadRequest(f"unknown provider {provider!r}; configured providers: {known}")
-        if not USER_RE.fullmatch(user):
-            raise BadRequest("user must match [A-Za-z0-9._@-]{1,128}")
+        check_user(user)
         return self._providers[provider]

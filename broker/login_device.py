@@ -44,14 +44,14 @@ log = structlog.get_logger("broker.login")
 
 @dataclass(frozen=True, slots=True)
 class DeviceLoginStarted:
-    """What POST /v1/logins answers for a device login; `joined`: it was already pending."""
+    """What POST /v1/logins answers for a device login (a new one, or the one already pending
+    for the grant)."""
 
     login_id: str
     verification_uri: str
     verification_uri_complete: str | None
     user_code: str
     expires_at: datetime
-    joined: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ class DeviceLogins:
             await self._logins.insist_on_force(pending.id)
         log.info("login_joined", grant=f"{provider}/{user}", login=pending.id, force=force)
         device = DeviceAuthorization.from_json(pending.device)
-        return _device_started(pending.id, device, pending.expires_at, joined=True)
+        return _device_started(pending.id, device, pending.expires_at)
 
     async def _device_authorization(
         self, client: ProviderClient, endpoint: str
@@ -230,7 +230,7 @@ class DeviceLogins:
 
 
 def _device_started(
-    login_id: str, device: DeviceAuthorization, expires_at: datetime, *, joined: bool = False
+    login_id: str, device: DeviceAuthorization, expires_at: datetime
 ) -> DeviceLoginStarted:
     return DeviceLoginStarted(
         login_id=login_id,
@@ -238,5 +238,4 @@ def _device_started(
         verification_uri_complete=device.verification_uri_complete,
         user_code=device.user_code,
         expires_at=expires_at,
-        joined=joined,
     )

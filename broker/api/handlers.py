@@ -15,9 +15,9 @@ from broker.api.context import CALLER, CLOCK, LOGINS, METRICS, READINESS, SERVIC
 from broker.api.problems import OUTCOMES, classify, problem_for
 from broker.api.watch import MAX_WAIT_SECONDS, etag, matches, next_token
 from broker.errors import BadRequest, BrokerError, Forbidden
-from broker.grants import Import
+from broker.grants import Import, check_user
 from broker.login import METHODS, DeviceLoginStarted
-from broker.model import USER_RE, Grant, GrantSummary, Secret
+from broker.model import Grant, GrantSummary, Secret
 
 MAX_MIN_TTL = 86_400
 MAX_SECRET_CHARS = 16_384
@@ -64,7 +64,7 @@ async def get_token(request: web.Request) -> web.Response:
     condition = request.headers.get("If-None-Match")
     held = False
     try:
-        _check_user(user)
+        check_user(user)
         min_ttl, wait = _token_query(request)
         caller = request[CALLER]
         if not caller.may_fetch(provider, user):
@@ -133,13 +133,6 @@ def token_body_around(grant: Grant) -> tuple[bytes, bytes]:
     return head.encode(), tail.encode()
 
 
-def _check_user(user: str) -> str:
-    """`user` when it is a well-formed label (the contract's); else BadRequest."""
-    if not USER_RE.fullmatch(user):
-        raise BadRequest("user must match [A-Za-z0-9._@-]{1,128}")
-    return user
-
-
 def _elapsed(started: float, held: bool) -> float | None:
     # A held request's time is the caller's chosen wait, not the broker's speed.
     return None if held else time.perf_counter() - started
@@ -206,7 +199,7 @@ async def list_grants(request: web.Request) -> web.Response:
 async def get_grant(request: web.Request) -> web.Response:
     """GET /v1/grants/{provider}/{user}."""
     _require_admin(request)
-    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
+    provider, user = request.match_info["provider"], check_user(request.match_info["user"])
     return _json(summary_json(await request.app[SERVICE].summary(provider, user)))
 
 
@@ -299,14 +292,14 @@ async def _import_lines(request: web.Request) -> web.Response:
 async def refresh_grant(request: web.Request) -> web.Response:
     """POST /v1/grants/{provider}/{user}/refresh: refresh now; the grant afterwards."""
     _require_admin(request)
-    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
+    provider, user = request.match_info["provider"], check_user(request.match_info["user"])
     return _json(summary_json(await request.app[SERVICE].refresh_now(provider, user)))
 
 
 async def revoke_grant(request: web.Request) -> web.Response:
     """DELETE /v1/grants/{provider}/{user}: revoke at the IdP where possible, then delete."""
     _require_admin(request)
-    provider, user = request.match_info["provider"], _check_user(request.match_info["user"])
+    provider, user = request.match_info["provider"], check_user(request.match_info["user"])
     revoked = await request.app[SERVICE].revoke(provider, user)
     return _json(
         {"provider": provider, "user": user, "state": "revoked", "revoked_at_provider": revoked}

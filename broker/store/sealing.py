@@ -48,7 +48,7 @@ class Sealer:
     def seal(self, value: str, *, table: str, row_id: str, column: str) -> bytes:
         """Encrypt with the primary key (the file's, should it have changed), bound to its
         place."""
-        if self._stamp is not None and self._stamp() != self._seen:
+        if self._stamp is not None:
             self.refresh()
         return self.keyring.seal(value, table=table, row_id=row_id, column=column)
 
@@ -56,18 +56,21 @@ class Sealer:
         """Re-read the keyring file if it changed and adopt its primary key and new keys (the
         keys already held stay, to open values sealed with them); whether anything changed.
         A file that cannot be read now keeps the keyring in use (readiness reports it)."""
-        if self._reload is None:
+        if self._reload is None or (self._stamp is not None and self._stamp() == self._seen):
             return False
-        if self._stamp is not None:
-            seen = self._stamp()
-            if seen == self._seen:
-                return False
-            self._seen = seen
         try:
-            fresh = self._reload()
+            return self._reread()
         except KeyringError as exc:
             log.warning("keyring_unreadable", reason=str(exc), detail="the keys in use stay")
             return False
+
+    def _reread(self) -> bool:
+        """Read the keyring file now and adopt its primary key and any key not held yet;
+        whether that changed the keyring. KeyringError when the file cannot be used."""
+        assert self._reload is not None
+        if self._stamp is not None:
+            self._seen = self._stamp()
+        fresh = self._reload()
         if fresh.primary == self.keyring.primary and set(fresh.keys) <= set(self.keyring.keys):
             return False
         before = self.keyring.primary
@@ -80,10 +83,6 @@ class Sealer:
         try:
             return self.keyring.open(envelope, table=table, row_id=row_id, column=column)
         except DecryptError:
-            if self._reload is None:
+            if self._reload is None or not self._reread():
                 raise
-            fresh = self._reload()
-            if set(fresh.keys) == set(self.keyring.keys):
-                raise
-            self.keyring = fresh
             return self.keyring.open(envelope, table=table, row_id=row_id, column=column)
