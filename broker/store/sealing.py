@@ -74,7 +74,9 @@ class Sealer:
         if fresh.primary == self.keyring.primary and set(fresh.keys) <= set(self.keyring.keys):
             return False
         before = self.keyring.primary
-        self.keyring = Keyring(fresh.primary, {**self.keyring.keys, **fresh.keys})
+        if not set(fresh.keys) >= set(self.keyring.keys):  # keep the keys the file dropped
+            fresh = Keyring(fresh.primary, {**self.keyring.keys, **fresh.keys})
+        self.keyring = fresh
         log.info("keyring_reloaded", primary=fresh.primary, previous_primary=before)
         return True
 
