@@ -60,7 +60,7 @@ class Sealer:
             return False
         try:
             return self._reread()
-        except KeyringError as exc:
+        except (KeyringError, OSError) as exc:  # a seal must not fail for want of a re-read
             log.warning("keyring_unreadable", reason=str(exc), detail="the keys in use stay")
             return False
 
