@@ -16,8 +16,12 @@ _TEMP_SUFFIX = ".tmp"
 
 def write_atomic(path: Path, data: bytes, mode: int, owner: int | None, group: int | None) -> None:
     """Replace `path` with `data` so that no reader sees a part and no file is looser than
-    `mode`: temporary file (created without permissions), owner and group, mode, fsync, rename,
-    fsync of the directory."""
+    `mode`: temporary file (created without permissions), group, mode, owner, fsync, rename,
+    fsync of the directory.
+
+    The mode is set while the daemon still owns the file (changing the mode of another user's
+    file needs CAP_FOWNER; giving it away needs only CAP_CHOWN), and after its group, so the
+    group bits never apply to the daemon's own group."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temp, flags, 0)
@@ -26,8 +30,9 @@ def write_atomic(path: Path, data: bytes, mode: int, owner: int | None, group: i
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            _chown(fd, owner, group)
+            _chown(fd, None, group)
             os.fchmod(fd, mode)
+            _chown(fd, owner, None)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -8,8 +8,13 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +87,60 @@ def test_owner_and_group_are_set_before_the_file_appears(tmp_path: Path) -> None
     assert all(mode & ~0o640 == 0 for _name, mode, _uid, _gid in seen), "a looser file was seen"
     at_path = [(uid, gid) for name, _mode, uid, gid in seen if name == "token"]
     assert set(at_path) == {(nobody.pw_uid, group)}
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory the unprivileged user `nobody` owns, outside pytest's root-only base."""
+    with tempfile.TemporaryDirectory(prefix="sinkfile-") as name:
+        directory = Path(name)
+        os.chown(directory, pwd.getpwnam("nobody").pw_uid, -1)
+        yield directory
+
+
+def _write_as_nobody(directory: Path, owner: int | None, group: int | None, caps: str) -> None:
+    """write_atomic run by `nobody` (supplementary group: `group`) holding only `caps`, as
+    the systemd unit's drop-ins in docs/operations.md ("Sinks") set it up."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    nobody = pwd.getpwnam("nobody")
+    groups = ["--groups", str(group)] if group is not None else ["--clear-groups"]
+    capabilities = [f"--inh-caps=+{caps}", f"--ambient-caps=+{caps}"] if caps else []
+    code = (
+        "import sys; from pathlib import Path; from broker.sinkfile import write_atomic; "
+        "owner, group = (None if a == '-' else int(a) for a in sys.argv[2:4]); "
+        "write_atomic(Path(sys.argv[1]), b'token', 0o640, owner, group)"
+    )
+    argv = [str(a) if a is not None else "-" for a in (directory / "token", owner, group)]
+    done = subprocess.run(
+        [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", *groups,
+         *capabilities, sys.executable, "-c", code, *argv],
+        capture_output=True, text=True, timeout=30, check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@needs_root
+def test_a_daemon_with_only_cap_chown_gives_the_file_to_another_owner(nobody_dir: Path) -> None:
+    """A daemon user holding CAP_CHOWN alone (not CAP_FOWNER) writes a sink for another owner
+    and group: the mode is set while the file is still its own."""
+    other_uid, other_gid = 4242, 4343
+    _write_as_nobody(nobody_dir, other_uid, other_gid, "chown")
+    st = (nobody_dir / "token").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (other_uid, other_gid, 0o640)
+    assert (nobody_dir / "token").read_bytes() == b"token"
+
+
+@needs_root
+def test_a_daemon_without_capabilities_sets_a_group_it_belongs_to(nobody_dir: Path) -> None:
+    """With no capability at all, a group the daemon's user belongs to is set, mode exact."""
+    other_gid = 4343
+    _write_as_nobody(nobody_dir, None, other_gid, "")
+    st = (nobody_dir / "token").stat()
+    nobody = pwd.getpwnam("nobody")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, other_gid, 0o640)
 
 
 def test_remove_says_whether_there_was_a_file(tmp_path: Path) -> None:
