@@ -237,6 +237,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     """Validate parsed TOML; relative paths are resolved against `base_dir`."""
     problems: list[str] = []
     base_dir = base_dir.absolute()
+    data = _without_nul(data, "", problems)
     sections = ("server", "store", "refresh", "providers", "clients", "readiness", "sinks")
     root = Table(data, "", problems, sections)
     server = _parse_server(root.section("server", ServerConfig), base_dir)
@@ -565,6 +566,27 @@ def _sink_mode(t: Table) -> int:
     return mode
 
 
+def _without_nul(value: Any, key: str, problems: list[str]) -> Any:
+    """`value` with every NUL character (which no path, name or URL may hold, and which the
+    operating system's calls refuse) reported under its key and replaced by U+FFFD."""
+    if isinstance(value, str):
+        if "\0" in value:
+            problems.append(f"{key or '(top level)'}: contains a NUL character (\\u0000)")
+            return value.replace("\0", "\ufffd")
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for name, item in value.items():
+            child = f"{key}.{name}" if key else str(name)
+            if "\0" in name:
+                problems.append(f"{child.replace(chr(0), '?')}: the key contains a NUL character")
+            out[name.replace("\0", "\ufffd")] = _without_nul(item, child, problems)
+        return out
+    if isinstance(value, list):
+        return [_without_nul(item, f"{key}[{i}]", problems) for i, item in enumerate(value)]
+    return value
+
+
 def _account(t: Table, key: str, lookup: Callable[[str], int], kind: str) -> int | None:
     """A user or group given by name (which must exist) or by number (taken as it is)."""
     value = t.data.get(key)
@@ -578,11 +600,16 @@ def _account(t: Table, key: str, lookup: Callable[[str], int], kind: str) -> int
             return None
         return value
     if not isinstance(value, str) or not value:
-        t.problem(key, f"expected a {kind} name or number, got {type_name(value)}")
+        t.problem(
+            key,
+            f"must not be empty: give a {kind} name or number, or leave the key out"
+            if value == ""
+            else f"expected a {kind} name or number, got {type_name(value)}",
+        )
         return None
     try:
         return lookup(value)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a name the C library cannot take
         t.problem(key, f"no {kind} named {value!r} on this host")
         return None
 

@@ -445,6 +445,14 @@ class Daemon:
                 detail="the running config stays; fix the file and send SIGHUP again",
             )
             return False
+        except Exception as exc:  # noqa: BLE001 - a defect in reading a config must not end us
+            log.error(
+                "reload_refused",
+                config=str(self._config_path),
+                problems=[f"unexpected {type(exc).__name__} while reading the config"],
+                detail="the running config stays; please report this with the config's shape",
+            )
+            return False
         else:
             self._apply(rt, new, clients)
             return True

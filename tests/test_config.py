@@ -681,6 +681,42 @@ def test_sinks_are_parsed_with_their_defaults_and_accounts_resolved() -> None:
     assert parse(PROVIDER).sinks == ()
 
 
+def test_a_nul_character_anywhere_is_a_problem_named_by_its_key() -> None:
+    """A NUL in a path, a name or a URL (which the operating system's calls refuse with an
+    exception) is reported with its key, with every other problem, in values and in keys."""
+    found = problems(
+        """
+        sinks = [
+          {grant = "p/alice", path = "/a", owner = "x\\u0000", group = "\\u0000"},
+          {grant = "p/alice", path = "/b", owner = "", group = ""},
+        ]
+        [server]
+        socket = "/run/a\\u0000b.sock"
+        [store]
+        key_file = "/etc/keys\\u0000"
+        [[clients]]
+        name = "c"
+        unix_user = "no\\u0000body"
+        grants = ["p/*"]
+        "col\\u0000our" = 1
+        """
+        + PROVIDER
+    )
+    assert found == [
+        "sinks[0].owner: contains a NUL character (\\u0000)",
+        "sinks[0].group: contains a NUL character (\\u0000)",
+        "server.socket: contains a NUL character (\\u0000)",
+        "store.key_file: contains a NUL character (\\u0000)",
+        "clients[0].unix_user: contains a NUL character (\\u0000)",
+        "clients[0].col?our: the key contains a NUL character",
+        "clients[0].col\ufffdour: unknown key",
+        "sinks[0].owner: no user named 'x\ufffd' on this host",
+        "sinks[0].group: no group named '\ufffd' on this host",
+        "sinks[1].owner: must not be empty: give a user name or number, or leave the key out",
+        "sinks[1].group: must not be empty: give a group name or number, or leave the key out",
+    ]
+
+
 def test_every_sink_problem_is_reported_at_once() -> None:
     """A pattern, an unknown provider, a missing or repeated path, a format, a mode that lets
     others read, a malformed mode, an owner and a group that do not exist, an unknown key and

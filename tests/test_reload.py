@@ -198,6 +198,13 @@ def test_an_invalid_config_is_refused_whole_and_the_old_one_kept(
         ]
         setup.home.config.write_text("this is [not toml")
         assert "TOML syntax error" in reload(daemon, "reload_refused")["problems"][0]
+        # A NUL in a sink's owner, which the C library's lookup refuses with an exception.
+        setup.write(
+            extra='[[sinks]]\ngrant = "techniek/alice"\npath = "a.token"\nowner = "x\\u0000"\n'
+        )
+        assert reload(daemon, "reload_refused")["problems"][0] == (
+            "sinks[0].owner: contains a NUL character (\\u0000)"
+        )
         connection = KeepAlive(setup.tcp_port)
         try:
             assert connection.get("/v1/tokens/techniek/alice", bearer) == 200
