@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -219,13 +219,10 @@ class GrantService:
             if grant.state is not GrantState.ACTIVE:
                 return self._after_refusal(grant, now, min_ttl)
             self._refuse_while_storing(grant)
+        if grant.tokens.refresh_token is None:
+            raise _unrefreshable(grant, now)
         if grant.access_ttl(now) > 0 and grant.intent_at is None:
             return grant
-        if grant.tokens.refresh_token is None:
-            raise ReauthRequired(
-                f"grant {grant.name} has no refresh token and its access token expired; "
-                "log in again"
-            )
         retry_after = RETRY_AFTER_SECONDS
         if grant.next_refresh_at is not None and grant.next_refresh_at > now:
             retry_after = max(1, math.ceil((grant.next_refresh_at - now).total_seconds()))
@@ -361,7 +358,10 @@ class GrantService:
         if grant.state is not GrantState.ACTIVE:
             raise ReauthRequired(f"grant {grant.name} needs a new login: {grant.last_error}")
         if grant.tokens.refresh_token is None:
-            raise BadRequest(f"grant {grant.name} has no refresh token to refresh with")
+            raise ReauthRequired(
+                f"grant {grant.name} has no refresh token: a new access token needs a login "
+                "(the one it holds is served until it expires)"
+            )
         if self._refresher is None:
             raise TokenUnavailable("the refresher is not running", RETRY_AFTER_SECONDS)
         await self._refresher.wait(grant, ADMIN_WAIT_SECONDS)
@@ -456,7 +456,11 @@ class GrantService:
         if request.access_token is not None and request.expires_in is None:
             raise BadRequest("expires_in is required with access_token")
         # A grant that needs a login holds nothing worth keeping: an import is its rescue.
-        if existing is not None and existing.state is GrantState.ACTIVE and not request.force:
+        if (
+            existing is not None
+            and existing.effective_state(now) is GrantState.ACTIVE
+            and not request.force
+        ):
             raise BadRequest(
                 f"grant {existing.name} already exists; import with force to replace its tokens"
             )
@@ -588,11 +592,28 @@ class GrantService:
                 f"grant {existing.name} belongs to another account at the provider "
                 "(a different sub); log in with force to replace it"
             )
+        tokens = result.tokens
+        kept = None if tokens.refresh_token is not None else _kept_refresh_token(existing, result)
+        if kept is not None:
+            tokens = replace(tokens, refresh_token=kept)
+            log.info(
+                "login_kept_refresh_token",
+                grant=grant_name(result.provider, result.user),
+                detail="the provider answered this login without a refresh token; the grant "
+                "keeps the one it held for the same account",
+            )
+        elif tokens.refresh_token is None:
+            log.warning(
+                "login_without_refresh_token",
+                grant=grant_name(result.provider, result.user),
+                detail="the provider answered this login without a refresh token: the grant "
+                "is served until its access token expires, then needs a new login",
+            )
         grant = await self._save(
             existing,
             result.provider,
             result.user,
-            tokens=result.tokens,
+            tokens=tokens,
             scopes=result.scopes,
             sub=result.sub,
             claims=result.claims,
@@ -665,3 +686,34 @@ class GrantService:
             raise BadRequest(f"unknown provider {provider!r}; configured providers: {known}")
         check_user(user)
         return self._providers[provider]
+
+
+def _kept_refresh_token(existing: Grant | None, result: LoginResult) -> Secret | None:
+    """The refresh token a login answered without one keeps: the grant's own, when it is the
+    same account (a known, equal sub), can still refresh, and has no refresh that ended
+    without a known outcome. Providers that issue a refresh token only at the first consent
+    answer later logins so."""
+    if (
+        existing is None
+        or existing.state is not GrantState.ACTIVE
+        or existing.intent_at is not None
+        or result.sub is None
+        or existing.sub != result.sub
+    ):
+        return None
+    return existing.tokens.refresh_token
+
+
+def _unrefreshable(grant: Grant, now: datetime) -> ReauthRequired:
+    """Why a grant with no refresh token cannot serve a caller: its token expired, or lives
+    less than the caller's min_ttl, which no refresh can give (as for a grant that needs a
+    login, `GrantService._after_refusal`)."""
+    ttl = grant.access_ttl(now)
+    if ttl > 0:
+        return ReauthRequired(
+            f"grant {grant.name} has no refresh token and its access token lives {ttl:.0f} s, "
+            "less than min_ttl asks; log in again"
+        )
+    return ReauthRequired(
+        f"grant {grant.name} has no refresh token and its access token expired; log in again"
+    )

@@ -529,6 +529,9 @@ class Rotation:
                 reason="its sub is not the grant's",
             )
             return held
+        claim = attempt.config.access_token_from.claim
+        if claim is not None:  # the token is kept sealed as the access token (as at login)
+            claims = {name: value for name, value in claims.items() if name != claim}
         return response.id_token, claims
 
     async def _access_token(
@@ -543,6 +546,9 @@ class Rotation:
         if response.id_token is None:
             raise IdpError(f"the refresh response has no ID token carrying {claim}")
         claims = await attempt.client.check_id_token(response.id_token, nonce=None, now=now)
+        if attempt.grant.sub is not None and claims.get("sub") != attempt.grant.sub:
+            # OIDC Core 12.2: another account's token is never served for this grant.
+            raise IdpError(f"the refreshed ID token carrying {claim} names another sub")
         return access_token_in_claim(claims, claim)
 
     async def _settle(

@@ -378,6 +378,28 @@ async def test_an_expired_grant_without_refresh_token_needs_reauth(
     reply = await api.call("GET", "/v1/tokens/techniek/carol")
     body = assert_problem(reply, 409, "reauth_required")
     assert "log in again" in body["detail"]
+    # It needs a login, so an import replaces it without force.
+    replaced = await api.import_grant(
+        provider="techniek", user="carol", refresh_token=new_secret("rt")
+    )
+    assert replaced.status == 200, replaced.text
+
+
+async def test_a_grant_without_refresh_token_cannot_meet_a_longer_min_ttl(
+    api: Api, new_secret: Callable[[str], str]
+) -> None:
+    """While valid, a grant with no refresh token serves callers its life meets; one whose
+    min_ttl asks more is 409 (no refresh can give it), and so is an admin's refresh."""
+    access = new_secret("at")
+    await _insert_without_refresh_token(api, access, expires_in=60)
+    assert (await api.call("GET", "/v1/tokens/techniek/carol?min_ttl=30")).status == 200
+    longer = await api.call("GET", "/v1/tokens/techniek/carol?min_ttl=90")
+    assert "less than min_ttl asks" in assert_problem(longer, 409, "reauth_required")["detail"]
+    refresh = await api.call("POST", "/v1/grants/techniek/carol/refresh")
+    assert "needs a login" in assert_problem(refresh, 409, "reauth_required")["detail"]
+    # An import over it, while its token is valid, still needs force.
+    kept = await api.import_grant(provider="techniek", user="carol", refresh_token=new_secret("rt"))
+    assert kept.status == 400, kept.text
 
 
 @pytest.mark.parametrize(

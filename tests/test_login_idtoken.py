@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.model import Secret
 from tests import tinyidp
 from tests.idp import netid as netid_module
 from tests.idp.browser import LoginResult, login
@@ -52,6 +53,69 @@ async def test_a_flawless_id_token_from_the_tiny_provider_logs_in(
         assert await broker.access_token(PROVIDER, USER) == idp.issued[0]
         broker.assert_not_logged(*idp.issued)
         assert idp.revoked == []  # a login that succeeds keeps its tokens
+
+
+async def test_a_login_answered_without_a_refresh_token_keeps_the_accounts_own(
+    tmp_path: Path, log_dir: Path, tiny_idp_factory: StartTinyIdP
+) -> None:
+    """A provider that issues a refresh token only at the first consent answers a second
+    login without one: for the same account the grant keeps its refresh token (and its
+    schedule); for another account (forced) it holds none, and says so."""
+    idp = await tiny_idp_factory()
+    async with serving_broker(tmp_path, log_dir, {PROVIDER: tiny(idp)}) as broker:
+        await log_in(broker, PROVIDER)
+        first = (await broker.grant(PROVIDER, USER)).json()
+        assert first["has_refresh_token"] is True
+        idp.refresh_tokens = False
+        started, _ = await log_in(broker, PROVIDER)
+        assert (await broker.login_status(started.id))["state"] == "complete"
+        second = (await broker.grant(PROVIDER, USER)).json()
+        assert second["has_refresh_token"] is True
+        assert second["next_refresh_at"] is not None
+        assert await broker.access_token(PROVIDER, USER) == idp.issued[-3]  # the new one
+        assert '"event": "login_kept_refresh_token"' in broker.log()
+        idp.sub = "another-account"
+        started = await broker.start_login(PROVIDER, USER, force=True)
+        await login(started.authorize_url, USER, "unused", follow=True)
+        assert (await broker.login_status(started.id))["state"] == "complete"
+        third = (await broker.grant(PROVIDER, USER)).json()
+        assert (third["sub"], third["has_refresh_token"]) == ("another-account", False)
+        assert '"event": "login_without_refresh_token"' in broker.log()
+        broker.assert_not_logged(*idp.issued)
+
+
+async def test_a_refresh_serves_the_claims_token_only_for_the_same_account(
+    tmp_path: Path, log_dir: Path, tiny_idp_factory: StartTinyIdP
+) -> None:
+    """With the access token in an ID token claim, a refresh serves the refreshed ID token's
+    claim token (not kept twice among the claims); a refreshed ID token naming another
+    account (OIDC Core 12.2) gets its token refused, while the rotated refresh token is kept."""
+    idp = await tiny_idp_factory()
+    idp.claim = "permission_management"
+    provider = tiny(idp) | {"access_token_from": "id_token_claim:permission_management"}
+    refresh = f"/v1/grants/{PROVIDER}/{USER}/refresh"
+    async with serving_broker(tmp_path, log_dir, {PROVIDER: provider}) as broker:
+        await log_in(broker, PROVIDER)
+        assert await broker.access_token(PROVIDER, USER) == idp.issued[0]
+        reply = await broker.call("POST", refresh)
+        assert (reply.status, reply.json()["last_error"]) == (200, None), reply.text
+        refreshed = idp.issued[-3]
+        assert await broker.access_token(PROVIDER, USER) == refreshed
+        stored = await broker.stored_grant(PROVIDER, USER)
+        assert stored is not None
+        assert stored.claims["sub"] == "tiny-sub"
+        assert "permission_management" not in stored.claims
+
+        idp.sub = "another-account"
+        reply = await broker.call("POST", refresh)
+        assert reply.status == 200, reply.text
+        assert (reply.json()["state"], reply.json()["sub"]) == ("active", "tiny-sub")
+        assert "names another sub" in reply.json()["last_error"]
+        assert await broker.access_token(PROVIDER, USER) == refreshed
+        stored = await broker.stored_grant(PROVIDER, USER)
+        assert stored is not None
+        assert stored.tokens.refresh_token == Secret(idp.issued[-2])
+        broker.assert_not_logged(*idp.issued)
 
 
 @pytest.mark.parametrize(

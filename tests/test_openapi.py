@@ -598,7 +598,7 @@ async def test_admin_responses_conform(
             assert_conforms(contract, "GET", GRANT, reply)
 
         # served_api runs no refresher: a refresh it cannot do now is 503 with Retry-After.
-        for user, status in (("alice", 503), ("carol", 400), ("nobody", 404)):
+        for user, status in (("alice", 503), ("carol", 409), ("nobody", 404)):
             reply = await api.call("POST", f"/v1/grants/techniek/{user}/refresh")
             assert reply.status == status, reply.text
             assert_conforms(contract, "POST", REFRESH, reply)

@@ -15,7 +15,12 @@ It also does the device authorization grant (RFC 8628) the way a test scripts it
 ("authorization_pending", "slow_down", "expired_token", ...) before it issues tokens, and
 `device_polls` records when each poll arrived (time.monotonic). Its discovery names the device
 endpoint unless `advertise_device=False` (a config then has to); with `device_refusal` set to
-an error code, the device endpoint answers 400 with it instead of codes.
+an error code, the device endpoint answers 400 with it instead of codes. `refresh_tokens`
+(default True) set to False answers without a refresh token, as providers that issue one only
+at the first consent do; `sub` names the account every ID token speaks for. With `claim` set
+(netID's shape), the access token travels in that ID token claim as {access_token, token_type,
+expires_in} instead of at the top level. Its token endpoint also takes the refresh_token grant
+for a refresh token it issued (single use: each is rotated), answering as for a code.
 
 Every token it issues comes from the test's `new_secret`, so the session's leak scan knows them;
 `issued` lists them in order (access, refresh, ID token per exchange); `revoked` lists what
@@ -73,6 +78,10 @@ class TinyIdP:
         self.device_codes: list[str] = []  # every device code it handed out
         self.advertise_device = True
         self.device_refusal: str | None = None
+        self.refresh_tokens = True
+        self.sub = "tiny-sub"
+        self.claim: str | None = None
+        self._live_refresh_tokens: set[str] = set()
         self.token_requests = 0
         self.issued: list[str] = []  # every token it handed out
         self.revoked: list[tuple[str, str]] = []  # (token, token_type_hint) per revocation
@@ -160,6 +169,12 @@ class TinyIdP:
         form = await request.post()
         if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:device_code":
             return await self._device_poll(form)
+        if form.get("grant_type") == "refresh_token":
+            presented = str(form.get("refresh_token"))
+            if presented not in self._live_refresh_tokens:
+                return web.json_response({"error": "invalid_grant"}, status=400)
+            self._live_refresh_tokens.discard(presented)
+            return self._tokens(nonce=None)
         if self.barrier is not None:
             await asyncio.wait_for(self.barrier.wait(), HOLD_TIMEOUT)
         code = self._codes.pop(str(form.get("code")), None)
@@ -174,17 +189,23 @@ class TinyIdP:
     def _tokens(self, nonce: str | None) -> web.Response:
         access_token = self._make_secret("tiny-at")
         refresh_token = self._make_secret("tiny-rt")
-        id_token = self._id_token(nonce)
+        carried = {"access_token": access_token, "token_type": "bearer", "expires_in": 3600}
+        id_token = self._id_token(nonce, {} if self.claim is None else {self.claim: carried})
         self.issued += [access_token, refresh_token, id_token]
-        return web.json_response(
-            {
-                "access_token": access_token,
-                "refresh_token": refresh_token,
-                "token_type": "Bearer",
-                "expires_in": 3600,
-                "id_token": id_token,
-            }
-        )
+        answer = {
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "id_token": id_token,
+        }
+        if self.claim is not None:
+            del answer["access_token"]
+        if self.refresh_tokens:
+            self._live_refresh_tokens.add(refresh_token)
+        else:
+            del answer["refresh_token"]
+        return web.json_response(answer)
 
     async def _revoke(self, request: web.Request) -> web.Response:
         """RFC 7009: record what was revoked; an unknown token is a success too."""
@@ -192,14 +213,15 @@ class TinyIdP:
         self.revoked.append((str(form.get("token")), str(form.get("token_type_hint"))))
         return web.Response(status=200)
 
-    def _id_token(self, nonce: str | None) -> str:
+    def _id_token(self, nonce: str | None, extra: dict[str, Any]) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": CLIENT_ID,
-            "sub": "tiny-sub",
+            "sub": self.sub,
             "iat": now,
             "exp": now + 600,
+            **extra,
         }
         if nonce is not None:  # the device grant has none
             claims["nonce"] = nonce

@@ -32,6 +32,9 @@ class TokenResponse:
     scope: tuple[str, ...] | None
 
 
+MAX_TOKEN_TYPE = 64  # RFC 6749's types are short names ("Bearer", "DPoP", "N_A")
+
+
 def parse_token_response(response: HttpResponse) -> TokenResponse:
     """A 200 parsed, or the error the response stands for."""
     if response.status != 200:
@@ -44,13 +47,13 @@ def parse_token_response(response: HttpResponse) -> TokenResponse:
     id_token = _optional_token(data, "id_token")
     if access_token is None and id_token is None:
         raise IdpAmbiguous("the token endpoint answered 200 without an access_token or id_token")
-    token_type = data.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or not token_type:
+    token_type = _token_type(data.get("token_type", "Bearer"))
+    if token_type is None:
         raise IdpAmbiguous("the token endpoint answered 200 with an invalid token_type")
     scope = data.get("scope")
     return TokenResponse(
         access_token=access_token,
-        token_type="Bearer" if token_type.lower() == "bearer" else token_type,
+        token_type=token_type,
         expires_in=parse_expires_in(data.get("expires_in")),
         refresh_token=_optional_token(data, "refresh_token"),
         id_token=id_token,
@@ -145,9 +148,21 @@ def access_token_in_claim(claims: Mapping[str, Any], claim: str) -> tuple[Secret
     token = value.get("access_token")
     if not isinstance(token, str) or not token or any(ch.isspace() for ch in token):
         raise IdpError(f"the ID token's {claim} claim has no usable access_token")
-    token_type = str(value.get("token_type", "Bearer"))
+    token_type = _token_type(value.get("token_type", "Bearer"))
+    if token_type is None:
+        raise IdpError(f"the ID token's {claim} claim has an invalid token_type")
     try:
         expires_in = parse_expires_in(value.get("expires_in"))
     except IdpError:
         raise IdpError(f"the ID token's {claim} claim has an invalid expires_in") from None
-    return Secret(token), "Bearer" if token_type.lower() == "bearer" else token_type, expires_in
+    return Secret(token), token_type, expires_in
+
+
+def _token_type(value: object) -> str | None:
+    """A token_type as served ("Bearer" in its usual spelling), or None when it is not a
+    short word of visible ASCII (it goes into JSON answers and Authorization header lines)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TOKEN_TYPE:
+        return None
+    if not all("!" <= ch <= "~" for ch in value):
+        return None
+    return "Bearer" if value.lower() == "bearer" else value
