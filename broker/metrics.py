@@ -66,7 +66,7 @@ class GrantGauges:
     """A point-in-time view for the grant gauges."""
 
     by_state: Mapping[tuple[str, str], int]  # (provider, state) -> count
-    min_ttl: Mapping[str, float]  # provider -> least remaining access-token life, active grants
+    min_ttl: Mapping[str, float]  # provider -> least access-token life of refreshable grants
 
 
 class HotHistogram(Collector):
@@ -183,7 +183,7 @@ class _GrantCollector(Collector):
             grants.add_metric([provider, state], count)
         min_ttl = GaugeMetricFamily(
             PREFIX + "access_token_min_ttl_seconds",
-            "The least remaining access-token lifetime among active grants.",
+            "The least remaining access-token lifetime among active grants with a refresh token.",
             labels=["provider"],
         )
         for provider, ttl in sorted(view.min_ttl.items()):

@@ -10,7 +10,9 @@ Two things in a reading depend on the time, not only on what is cached:
   has expired (`Grant.effective_state`). Such grants are rare (a login whose provider gave no
   refresh token); they are kept aside and judged at each reading;
 - the least remaining life per provider comes from a heap of expiry times per provider, whose
-  superseded entries are dropped when they reach the top (as in `broker.agenda`).
+  superseded entries are dropped when they reach the top (as in `broker.agenda`). It covers the
+  grants a refresh keeps alive: one without a refresh token runs out by design (netID issues
+  none), and counting it would hold the gauge low, and its alert firing, with nothing wrong.
 
 `GrantTally.gauges(now)` equals counting every grant at `now`; the tests hold it to that.
 """
@@ -96,12 +98,8 @@ class GrantTally:
             at = self._least_expiry(provider)
             if at is not None:
                 least[provider] = at
-        for grant in self._mortal.values():
-            state = grant.effective_state(now)
-            by_state[(grant.provider, state.value)] += 1
-            if state is GrantState.ACTIVE:
-                at = _expiry(grant)
-                least[grant.provider] = min(at, least.get(grant.provider, at))
+        for grant in self._mortal.values():  # counted, but not in the least life (above)
+            by_state[(grant.provider, grant.effective_state(now).value)] += 1
         min_ttl = {
             provider: 0.0 if at == _NO_LIFE else max(0.0, (at - now).total_seconds())
             for provider, at in least.items()

@@ -23,7 +23,7 @@ def recount(cache: GrantCache, now: datetime) -> GrantGauges:
     for grant in cache:
         state = grant.effective_state(now)
         by_state[(grant.provider, state.value)] += 1
-        if state is GrantState.ACTIVE:
+        if state is GrantState.ACTIVE and grant.tokens.refresh_token is not None:
             ttl = grant.access_ttl(now)
             min_ttl[grant.provider] = min(ttl, min_ttl.get(grant.provider, ttl))
     return GrantGauges(by_state=dict(by_state), min_ttl=min_ttl)
@@ -80,12 +80,16 @@ def test_counts_and_least_life_follow_puts_and_drops() -> None:
 
 
 def test_a_grant_without_refresh_token_needs_a_login_once_its_token_expires() -> None:
-    """Its state as callers see it changes with time alone; the tally judges it at each reading."""
+    """Its state as callers see it changes with time alone; the tally judges it at each reading.
+    Its token runs out by design, so it is not in the least life (which is about refreshes)."""
     cache = GrantCache()
     tally = tallied(cache)
     cache.put(make("a", refresh=False, expires_in=30))
-    assert tally.gauges(T0).by_state == {("p", "active"): 1}
-    assert tally.gauges(T0).min_ttl == {"p": 30.0}
+    cache.put(make("b", expires_in=90))
+    assert tally.gauges(T0).by_state == {("p", "active"): 2}
+    assert tally.gauges(T0).min_ttl == {"p": 90.0}
+    cache.drop("p", "b")
+    assert tally.gauges(T0).min_ttl == {}
     later = tally.gauges(T0 + timedelta(seconds=31))
     assert later.by_state == {("p", "reauth_required"): 1}
     assert later.min_ttl == {}
