@@ -209,6 +209,22 @@ def test_each_failed_claim_check_is_named(changes: dict[str, object], check_name
     assert check_name in refused(sign(claims(**changes)))
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"iat": T + 3600}, "iat is in the future (or not a time): the provider's clock or ours"),
+        ({"nbf": T + 3600}, "nbf is in the future (or not a time): the provider's clock or ours"),
+        ({"exp": "tomorrow"}, "exp is not a time"),
+        ({"aud": "another-client"}, "aud does not match"),
+    ],
+)
+def test_a_time_claim_out_of_range_says_what_is_wrong(
+    changes: dict[str, object], reason: str
+) -> None:
+    """A time claim beyond the leeway says which way it is off, not merely "does not match"."""
+    assert reason in refused(sign(claims(**changes)))
+
+
 def test_nonce_mismatch_does_not_reveal_either_nonce() -> None:
     """The message names the check, not the values compared."""
     message = refused(sign(claims(nonce="their-nonce")))

@@ -24,6 +24,14 @@ from broker.model import Secret
 LEEWAY_SECONDS = 60
 
 
+# What an invalid time claim means (beyond the leeway); any other claim "does not match".
+_INVALID = {
+    "exp": "exp is not a time",
+    "iat": "iat is in the future (or not a time): the provider's clock or ours is off",
+    "nbf": "nbf is in the future (or not a time): the provider's clock or ours is off",
+}
+
+
 def unverified_kid(id_token: Secret) -> str | None:
     """The `kid` of the token's header, to pick or refetch keys; None when absent."""
     try:
@@ -68,12 +76,10 @@ def validate_id_token(
     except MissingClaimError as exc:
         raise IdTokenInvalid(f"ID token check failed: {exc.claim} is missing") from None
     except InvalidClaimError as exc:
-        raise IdTokenInvalid(f"ID token check failed: {exc.claim} does not match") from None
+        reason = _INVALID.get(exc.claim, f"{exc.claim} does not match")
+        raise IdTokenInvalid(f"ID token check failed: {reason}") from None
     except JoseError as exc:
         raise IdTokenInvalid(f"ID token check failed: {exc.error}") from None
-    iat = claims.get("iat")
-    if isinstance(iat, int | float) and iat > now.timestamp() + LEEWAY_SECONDS:
-        raise IdTokenInvalid("ID token check failed: iat is in the future")
     if nonce is not None and claims.get("nonce") != nonce:
         raise IdTokenInvalid("ID token check failed: nonce does not match")
     return dict(claims)
