@@ -77,6 +77,8 @@ __all__ = [
 # flight: a live owner's lease never lapses under it, a dead one's is taken over by liveness.
 LEASE = timedelta(seconds=MAX_CALL_SECONDS + 15)
 POLL = timedelta(seconds=1)
+# How long a due grant whose row does not open waits before its claim is tried again.
+UNREADABLE_RECHECK = timedelta(seconds=60)
 CALLER_CLAIM_SECONDS = 5.0  # how long a caller's refresh waits for room under max_concurrency
 ROOM_POLL_SECONDS = 0.05
 EXCLUSIVE_POLL_SECONDS = 0.2
@@ -396,8 +398,8 @@ class Refresher:
                 capacity=self._max_concurrency,
                 ids=list(claims),
             )
-        except StoreError:
-            for grant_id, version in versions.items():  # still due: try again in a while
+        except Exception:  # a store that is down, or anything else: still due, try again
+            for grant_id, version in versions.items():
                 self._agenda.put(grant_id, now + RECHECK, version)
             raise
         claimed = {claim.grant.id for claim in batch.claims if claim.grant is not None}
@@ -407,7 +409,11 @@ class Refresher:
             # Not tried (no room): as soon as room frees (a refresh ending wakes the loop).
             # Tried but not claimed: held by another broker, or not due by the store; look
             # again after a while, or when the grant is published anew.
-            again = now + RECHECK if grant_id in batch.tried else now
+            # Unreadable: not before a restart or a restored row can have changed that.
+            if grant_id in batch.unreadable:
+                again = now + UNREADABLE_RECHECK
+            else:
+                again = now + RECHECK if grant_id in batch.tried else now
             self._agenda.put(grant_id, again, version)
         for claim in batch.claims:
             assert claim.grant is not None

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
@@ -966,6 +968,101 @@ async def test_while_the_store_is_down_the_loop_retries_once_a_second_and_then_r
         await until(all_refreshed)
     finally:
         await b.refresher.stop()
+    assert idp.violations == []
+
+
+class FailingClaims(GrantRepository):
+    """The real repository, whose first batch claim fails with an unexpected error (a defect,
+    not a store that is down)."""
+
+    def __init__(self, engine: AsyncEngine, keyring: Keyring) -> None:
+        super().__init__(engine, keyring)
+        self.failures = 1
+
+    async def claim_ids(self, *args: Any, **kwargs: Any) -> ClaimBatch:
+        """Fail the first time."""
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("an unexpected failure")
+        return await super().claim_ids(*args, **kwargs)
+
+
+async def test_grants_whose_claim_failed_unexpectedly_stay_due(
+    engine: AsyncEngine, keyring: Keyring, idp: ModelIdp, clock: HandClock
+) -> None:
+    """A batch claim that fails with anything, not only a store error, leaves its grants on
+    the agenda: they are refreshed at the next try instead of forgotten until a restart."""
+    repo = FailingClaims(engine, keyring)
+    b = broker(repo, idp, clock)
+    grants = [await b.login(idp, f"user{i}", clock()) for i in range(3)]
+    clock.advance(DUE)
+    b.refresher.start()
+    try:
+        await until(lambda: repo.failures == 0)
+        clock.advance(2)  # past the recheck the failed claims were put back for
+        b.refresher.poke()
+
+        async def all_refreshed() -> bool:
+            return all(g.generation == grants[0].generation + 1 for g in await repo.all())
+
+        await until(all_refreshed)
+    finally:
+        await b.refresher.stop()
+    assert results(idp) == ["rotated"] * 3
+
+
+async def test_a_grant_whose_row_does_not_open_holds_up_no_other_and_is_tried_again(
+    repo: GrantRepository, engine: AsyncEngine, idp: ModelIdp, clock: HandClock
+) -> None:
+    """A due grant whose sealed refresh token does not open (damaged in the store, or sealed
+    with a key this process lacks) is logged and left unclaimed, nothing sent for it; the
+    others of its batch are refreshed, and it is once its row opens again (6)."""
+    b = broker(repo, idp, clock)
+    grants = [await b.login(idp, f"user{i}", clock()) for i in range(3)]
+    damaged = grants[1]
+    async with engine.begin() as conn:
+        sealed = (
+            await conn.execute(
+                text("SELECT refresh_token FROM grants WHERE id = :id"), {"id": damaged.id}
+            )
+        ).scalar_one()
+        flipped = bytes(sealed[:-1]) + bytes([sealed[-1] ^ 1])
+        await conn.execute(
+            text("UPDATE grants SET refresh_token = :v WHERE id = :id"),
+            {"v": flipped, "id": damaged.id},
+        )
+    clock.advance(DUE)
+    with structlog.testing.capture_logs() as logged:
+        b.refresher.start()
+        try:
+            await until(lambda: len(idp.calls) == 2)
+            await asyncio.sleep(0.1)
+            assert len(idp.calls) == 2  # nothing was sent for the damaged grant
+            unreadable = [e for e in logged if e["event"] == "grants_unreadable"]
+            assert len(unreadable) == 1, "the damaged grant was not reported once"
+            assert unreadable[0]["grants"] == [f"{PROVIDER}/user1"]
+            assert unreadable[0]["count"] == 1
+            assert "does not open" in unreadable[0]["reason"]
+            async with engine.begin() as conn:  # the row is restored from a backup
+                await conn.execute(
+                    text("UPDATE grants SET refresh_token = :v WHERE id = :id"),
+                    {"v": sealed, "id": damaged.id},
+                )
+            clock.advance(30)  # not yet tried again: nothing restored could be known so soon
+            b.refresher.poke()
+            await asyncio.sleep(0.1)
+            assert len(idp.calls) == 2
+            clock.advance(31)  # past the minute it waits
+            b.refresher.poke()
+            await until(lambda: len(idp.calls) == 3)
+
+            async def refreshed() -> bool:
+                return (await b.stored("user1")).generation == damaged.generation + 1
+
+            await until(refreshed)
+        finally:
+            await b.refresher.stop()
+    assert results(idp) == ["rotated"] * 3
     assert idp.violations == []
 
 

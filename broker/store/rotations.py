@@ -26,8 +26,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import (
     ColumnElement,
+    Row,
     Select,
     bindparam,
     case,
@@ -39,12 +41,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.errors import ConflictError
+from broker.errors import ConflictError, DecryptError
 from broker.model import Grant, GrantState
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
 from broker.store.session import Database, stamp_writes, take_versions
 from broker.store.tables import grants, nodes
+
+log = structlog.get_logger("broker.store.rotations")
 
 
 class ClaimOutcome(enum.StrEnum):
@@ -68,11 +72,16 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class ClaimBatch:
-    """Grants claimed at once, and which the provider's capacity let this broker try."""
+    """Grants claimed at once, which the provider's capacity let this broker try, and which
+    of those were left unclaimed because their sealed values do not open."""
 
     claims: list[Claim]
     tried: frozenset[str]
+    unreadable: frozenset[str] = frozenset()
 
+
+# Grants a claim's log line names when their rows do not open (the count says how many).
+UNREADABLE_NAMED = 5
 
 # Refresh outcomes committed in one transaction at most (broker.store.group).
 COMMIT_BATCH = 256
@@ -291,11 +300,10 @@ class RotationWrites:
             )
             rows = (await conn.execute(query)).all()
             tried = frozenset(order if order is not None else (row.id for row in rows))
+            opened, unreadable = self._opened(rows)
             taken = (
-                await self._take_many(
-                    conn, [self._rows.open(row) for row in rows], owner, now, lease
-                )
-                if rows
+                await self._take_many(conn, [grant for _, grant in opened], owner, now, lease)
+                if opened
                 else []
             )
             claims = [
@@ -305,9 +313,35 @@ class RotationWrites:
                     row.lease_owner if row.lease_owner not in (None, owner) else None,
                     row.intent_at is not None,
                 )
-                for row, claimed in zip(rows, taken, strict=True)
+                for (row, _), claimed in zip(opened, taken, strict=True)
             ]
-        return ClaimBatch(claims, tried)
+        return ClaimBatch(claims, tried, unreadable)
+
+    def _opened(
+        self, rows: Sequence[Row[Any]]
+    ) -> tuple[list[tuple[Row[Any], Grant]], frozenset[str]]:
+        """The rows that open, as grants, and the ids of those that do not: left unclaimed
+        (nothing is sent for them), so they cannot hold up the others of their batch. One log
+        line per batch names them."""
+        opened = []
+        unreadable: list[tuple[str, str]] = []  # (row id, grant)
+        reason = ""
+        for row in rows:
+            try:
+                opened.append((row, self._rows.open(row)))
+            except DecryptError as exc:
+                unreadable.append((row.id, f"{row.provider}/{row.user_name}"))
+                reason = reason or str(exc)
+        if unreadable:
+            log.error(
+                "grants_unreadable",
+                count=len(unreadable),
+                grants=[name for _, name in unreadable[:UNREADABLE_NAMED]],
+                reason=reason,
+                detail="their refreshes wait until their sealed values open: restart the daemon "
+                "after keys rotate (when it reads a copy of the keyring), or restore the rows",
+            )
+        return opened, frozenset(row_id for row_id, _ in unreadable)
 
     async def _take(
         self, conn: AsyncConnection, grant: Grant, owner: str, now: datetime, lease: timedelta
