@@ -10,8 +10,9 @@ What a sink file guarantees:
   (`GrantCache.subscribe`), and nothing reaches the cache before its commit, so there is no
   second "after commit" path to get wrong;
 - it is replaced atomically: the content goes to a temporary file in the same directory,
-  created with no permissions at all, given its owner, group and then `mode`, written and
-  fsynced, and renamed over the path (then the directory is fsynced). A reader sees the old
+  created with no permissions at all, written, given its group, then `mode`, then its owner
+  (`broker.sinkfile.write_atomic`), fsynced, and renamed over the path (then the directory is
+  fsynced). A reader sees the old
   file or the new one, never a part, and no file at the path is ever looser than `mode`;
 - it is removed when the grant is deleted or needs a login, and when its access token expires
   before a refreshed one arrives (a timer, since expiry is a matter of time, not of a change);
