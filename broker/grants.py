@@ -603,11 +603,15 @@ class GrantService:
                 "keeps the one it held for the same account",
             )
         elif tokens.refresh_token is None:
-            log.warning(
+            # A warning when a refresh token the grant held is dropped; for a provider that
+            # never issues one (netID) this is how every login goes.
+            dropped = existing is not None and existing.tokens.refresh_token is not None
+            (log.warning if dropped else log.info)(
                 "login_without_refresh_token",
                 grant=grant_name(result.provider, result.user),
                 detail="the provider answered this login without a refresh token: the grant "
-                "is served until its access token expires, then needs a new login",
+                "is served until its access token expires, then needs a new login"
+                + ("; the refresh token it held is dropped" if dropped else ""),
             )
         grant = await self._save(
             existing,

@@ -144,6 +144,10 @@ async def test_an_access_token_only_response_is_stored_and_served(
         assert stored is not None
         assert stored.tokens.id_token is None
         assert stored.tokens.refresh_token is None
+        # Said once, as information: this provider never issues a refresh token.
+        said = [line for line in broker.log().splitlines() if "login_without_refresh_token" in line]
+        assert len(said) == 1
+        assert '"level": "info"' in said[0]
         broker.assert_not_logged(served["access_token"], result.code)
 
 
