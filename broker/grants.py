@@ -384,15 +384,14 @@ class GrantService:
 
     async def summaries(self) -> list[GrantSummary]:
         """Every grant, without secrets, as the store has it."""
-        now = self._clock()
-        return [GrantSummary.of(grant, now) for grant in await self._repository.all()]
+        return await self._repository.summaries(self._clock())
 
     async def summary(self, provider: str, user: str) -> GrantSummary:
         """One grant without secrets."""
-        grant = await self._repository.get(provider, user)
-        if grant is None:
+        found = await self._repository.summaries(self._clock(), provider, user)
+        if not found:
             raise GrantNotFound(f"no grant {grant_name(provider, user)}")
-        return GrantSummary.of(grant, self._clock())
+        return found[0]
 
     async def import_grant(self, request: Import, now: datetime) -> tuple[GrantSummary, bool]:
         """Store an imported grant; returns its summary and whether it is new."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hmac
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 USER_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")
@@ -106,19 +106,21 @@ class Grant:
 
     def effective_state(self, now: datetime) -> GrantState:
         """The state callers see: an active grant with no refresh token dies with its token."""
-        if (
-            self.state is GrantState.ACTIVE
-            and self.tokens.refresh_token is None
-            and (self.access_ttl(now) <= 0)
-        ):
-            return GrantState.REAUTH_REQUIRED
-        return self.state
+        return _effective_state(
+            self.state, self.tokens.refresh_token is not None, self.access_ttl(now)
+        )
 
     def access_ttl(self, now: datetime) -> float:
         """Seconds the access token still lives at `now`; 0 when absent or expired."""
         if self.tokens.access_token is None or self.access_expires_at is None:
             return 0.0
         return max(0.0, (self.access_expires_at - now).total_seconds())
+
+
+def _effective_state(state: GrantState, has_refresh_token: bool, access_ttl: float) -> GrantState:
+    if state is GrantState.ACTIVE and not has_refresh_token and access_ttl <= 0:
+        return GrantState.REAUTH_REQUIRED
+    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,20 +141,40 @@ class GrantSummary:
     @classmethod
     def of(cls, grant: Grant, now: datetime | None = None) -> GrantSummary:
         """The summary of a stored grant, with the state callers see at `now` when given."""
-        return cls(
-            provider=grant.provider,
-            user=grant.user,
-            sub=grant.sub,
-            state=grant.state if now is None else grant.effective_state(now),
-            scopes=grant.scopes,
-            access_expires_at=grant.access_expires_at,
-            next_refresh_at=grant.next_refresh_at,
-            generation=grant.generation,
-            last_error=grant.last_error
-            or (
-                "the access token expired and there is no refresh token: log in again"
-                if now is not None and grant.effective_state(now) is not grant.state
-                else None
+        return cls.seen(
+            cls(
+                provider=grant.provider,
+                user=grant.user,
+                sub=grant.sub,
+                state=grant.state,
+                scopes=grant.scopes,
+                access_expires_at=grant.access_expires_at,
+                next_refresh_at=grant.next_refresh_at,
+                generation=grant.generation,
+                last_error=grant.last_error,
+                has_refresh_token=grant.tokens.refresh_token is not None,
             ),
-            has_refresh_token=grant.tokens.refresh_token is not None,
+            has_access_token=grant.tokens.access_token is not None,
+            now=now,
+        )
+
+    @classmethod
+    def seen(
+        cls, stored: GrantSummary, *, has_access_token: bool, now: datetime | None
+    ) -> GrantSummary:
+        """A summary as stored, with the state callers see at `now` when given (the rule of
+        `Grant.effective_state`, read from which tokens there are: no secret is needed)."""
+        if now is None:
+            return stored
+        ttl = 0.0
+        if has_access_token and stored.access_expires_at is not None:
+            ttl = (stored.access_expires_at - now).total_seconds()
+        state = _effective_state(stored.state, stored.has_refresh_token, ttl)
+        if state is stored.state:
+            return stored
+        return replace(
+            stored,
+            state=state,
+            last_error=stored.last_error
+            or "the access token expired and there is no refresh token: log in again",
         )

@@ -386,7 +386,8 @@ def keys_rotate(home: Home) -> None:
 def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
     tmp_path: Path, log_dir: Path, new_secret: Callable[[str], str]
 ) -> None:
-    """A keyring rotated behind a daemon reading a copy (LoadCredential): 503, and a logged 500."""
+    """A keyring rotated behind a daemon reading a copy (LoadCredential): 503; the admin views
+    still answer (they open no sealed value); what must open the re-sealed grant is a logged 500."""
     home = make_home(tmp_path)
     credentials = tmp_path / "credentials"
     credentials.mkdir(mode=0o700)
@@ -410,8 +411,13 @@ def test_readyz_fails_when_keys_rotated_under_a_copied_keyring(
         [problem] = ready.json()["problems"]
         assert problem.startswith("keys: ")
         assert problem.endswith("; restart the daemon")
-        # An admin read of the re-sealed grant fails; the log says why, as the answer promises.
-        assert request(home.socket, "GET", "/v1/grants/techniek/alice").status == 500
+        shown = request(home.socket, "GET", "/v1/grants/techniek/alice")
+        assert (shown.status, shown.json()["state"]) == (200, "active")
+        listed = request(home.socket, "GET", "/v1/grants")
+        assert [g["user"] for g in listed.json()] == ["alice"]
+        # Replacing the re-sealed grant reads it, and fails; the log says why, as promised.
+        body["refresh_token"], body["force"] = new_secret("refresh"), True
+        assert request(home.socket, "POST", "/v1/grants", body).status == 500
         assert '"event": "request_failed"' in daemon.log()
 
 

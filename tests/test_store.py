@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
 from broker.errors import ConflictError, DecryptError
-from broker.model import Grant, GrantState, Secret, TokenSet
+from broker.model import Grant, GrantState, GrantSummary, Secret, TokenSet
 from broker.store.engine import create_engine, writer
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository, KeyUsage
@@ -123,6 +123,33 @@ async def test_all_orders_by_provider_then_user(
     for provider, user in [("zeta", "a"), ("alpha", "b"), ("alpha", "a")]:
         await repo.insert(make_grant(new_secret, user, provider), NOW)
     assert [g.name for g in await repo.all()] == ["alpha/a", "alpha/b", "zeta/a"]
+
+
+async def test_summaries_read_without_opening_equal_those_of_the_opened_grants(
+    repo: GrantRepository, new_secret: NewSecret
+) -> None:
+    """The admin views, read from the plain columns alone, equal the summaries of the opened
+    grants at any moment: active, refused, and without a refresh token before and after its
+    access token expires (when callers see reauth_required), or without an access token."""
+    full = make_grant(new_secret, "alice")
+    refused = replace(make_grant(new_secret, "bob"), state=GrantState.REAUTH_REQUIRED)
+    mortal = replace(
+        make_grant(new_secret, "carol"),
+        tokens=TokenSet(access_token=Secret(new_secret("at"))),
+        access_expires_at=NOW + timedelta(minutes=1),
+        scopes=(),
+    )
+    tokenless = replace(
+        make_grant(new_secret, "dave", "p2"), tokens=TokenSet(), access_expires_at=None
+    )
+    for grant in (full, refused, mortal, tokenless):
+        await repo.insert(grant, NOW)
+    opened = await repo.all()
+    for now in (NOW, NOW + timedelta(minutes=2), NOW + timedelta(hours=11)):
+        assert await repo.summaries(now) == [GrantSummary.of(g, now) for g in opened]
+    [carol] = await repo.summaries(LATER, "techniek", "carol")
+    assert (carol.state, carol.has_refresh_token) == (GrantState.REAUTH_REQUIRED, False)
+    assert await repo.summaries(NOW, "techniek", "nobody") == []
 
 
 async def test_grant_without_secrets_round_trips_unsealed(repo: GrantRepository) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
 from broker.errors import ConflictError
-from broker.model import Grant, GrantState
+from broker.model import Grant, GrantState, GrantSummary
 from broker.store.rotations import RotationWrites, notice
 from broker.store.rows import GrantRows, verify_keys
 from broker.store.sealing import Sealer, Stamp
@@ -26,6 +26,22 @@ from broker.store.session import Database, insert_rows, stamp_writes, take_versi
 from broker.store.tables import UTCDateTime, grant_changes, grant_deletions, grants
 
 _IN_BATCH = 500  # values in one SQL IN (...), well under every backend's parameter limit
+
+# What an admin's view of a grant reads: every column but the sealed ones, and whether the
+# sealed tokens are there. Nothing is decrypted, so the view costs no key and no AES.
+_SUMMARY_COLUMNS = (
+    grants.c.provider,
+    grants.c.user_name,
+    grants.c.sub,
+    grants.c.state,
+    grants.c.scopes,
+    grants.c.access_expires_at,
+    grants.c.next_refresh_at,
+    grants.c.generation,
+    grants.c.last_error,
+    grants.c.refresh_token.is_not(None).label("has_refresh_token"),
+    grants.c.access_token.is_not(None).label("has_access_token"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +139,36 @@ class GrantRepository(RotationWrites):
                     grant = self._rows.open(row)
                     found[(grant.provider, grant.user)] = grant
         return found
+
+    async def summaries(
+        self, now: datetime, provider: str | None = None, user: str | None = None
+    ) -> list[GrantSummary]:
+        """Admin views of every grant (or of PROVIDER/USER), ordered by provider and user, with
+        the state callers see at `now`; read without opening a sealed value."""
+        query = select(*_SUMMARY_COLUMNS).order_by(grants.c.provider, grants.c.user_name)
+        if provider is not None and user is not None:
+            query = query.where(grants.c.provider == provider, grants.c.user_name == user)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            GrantSummary.seen(
+                GrantSummary(
+                    provider=row.provider,
+                    user=row.user_name,
+                    sub=row.sub,
+                    state=GrantState(row.state),
+                    scopes=tuple(row.scopes.split()),
+                    access_expires_at=row.access_expires_at,
+                    next_refresh_at=row.next_refresh_at,
+                    generation=row.generation,
+                    last_error=row.last_error,
+                    has_refresh_token=bool(row.has_refresh_token),
+                ),
+                has_access_token=bool(row.has_access_token),
+                now=now,
+            )
+            for row in rows
+        ]
 
     async def get_by_id(self, grant_id: str) -> Grant | None:
         """The grant with this row id, opened, or None."""
