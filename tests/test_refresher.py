@@ -926,19 +926,33 @@ async def test_a_caller_asking_while_the_schedule_claims_shares_the_schedules_re
 
 
 class DownForClaims(GrantRepository):
-    """The real repository, whose batch claims fail as a stopped database makes them."""
+    """The real repository, whose batch claims fail while `down`: as a stopped database
+    makes them, or with the `error` given (an unexpected one)."""
 
-    def __init__(self, engine: AsyncEngine, keyring: Keyring) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keyring: Keyring,
+        error: Exception | None = None,
+    ) -> None:
         super().__init__(engine, keyring)
         self.down = True
         self.attempts = 0
+        self.error = error or StoreUnavailable(
+            "the database cannot be reached: ConnectionRefusedError"
+        )
 
     async def claim_ids(self, *args: Any, **kwargs: Any) -> ClaimBatch:
         """Fail while down."""
         self.attempts += 1
         if self.down:
-            raise StoreUnavailable("the database cannot be reached: ConnectionRefusedError")
+            raise self.error
         return await super().claim_ids(*args, **kwargs)
+
+
+async def refreshed_once(repo: GrantRepository, grants: list[Grant]) -> bool:
+    """Whether every grant in the store is one generation past these."""
+    return all(g.generation == grants[0].generation + 1 for g in await repo.all())
 
 
 async def test_while_the_store_is_down_the_loop_retries_once_a_second_and_then_refreshes(
@@ -961,30 +975,10 @@ async def test_while_the_store_is_down_the_loop_retries_once_a_second_and_then_r
         repo.down = False
         clock.advance(2)  # past the recheck the failed claims were put back for
         b.refresher.poke()
-
-        async def all_refreshed() -> bool:
-            return all(g.generation == grants[0].generation + 1 for g in await repo.all())
-
-        await until(all_refreshed)
+        await until(lambda: refreshed_once(repo, grants))
     finally:
         await b.refresher.stop()
     assert idp.violations == []
-
-
-class FailingClaims(GrantRepository):
-    """The real repository, whose first batch claim fails with an unexpected error (a defect,
-    not a store that is down)."""
-
-    def __init__(self, engine: AsyncEngine, keyring: Keyring) -> None:
-        super().__init__(engine, keyring)
-        self.failures = 1
-
-    async def claim_ids(self, *args: Any, **kwargs: Any) -> ClaimBatch:
-        """Fail the first time."""
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("an unexpected failure")
-        return await super().claim_ids(*args, **kwargs)
 
 
 async def test_grants_whose_claim_failed_unexpectedly_stay_due(
@@ -992,20 +986,17 @@ async def test_grants_whose_claim_failed_unexpectedly_stay_due(
 ) -> None:
     """A batch claim that fails with anything, not only a store error, leaves its grants on
     the agenda: they are refreshed at the next try instead of forgotten until a restart."""
-    repo = FailingClaims(engine, keyring)
+    repo = DownForClaims(engine, keyring, RuntimeError("an unexpected failure"))
     b = broker(repo, idp, clock)
     grants = [await b.login(idp, f"user{i}", clock()) for i in range(3)]
     clock.advance(DUE)
     b.refresher.start()
     try:
-        await until(lambda: repo.failures == 0)
+        await until(lambda: repo.attempts >= 1)
+        repo.down = False
         clock.advance(2)  # past the recheck the failed claims were put back for
         b.refresher.poke()
-
-        async def all_refreshed() -> bool:
-            return all(g.generation == grants[0].generation + 1 for g in await repo.all())
-
-        await until(all_refreshed)
+        await until(lambda: refreshed_once(repo, grants))
     finally:
         await b.refresher.stop()
     assert results(idp) == ["rotated"] * 3

@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import ConflictError, DecryptError
-from broker.model import Grant, GrantState
+from broker.model import Grant, GrantState, grant_name
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
 from broker.store.session import Database, stamp_writes, take_versions
@@ -330,7 +330,7 @@ class RotationWrites:
             try:
                 opened.append((row, self._rows.open(row)))
             except DecryptError as exc:
-                unreadable.append((row.id, f"{row.provider}/{row.user_name}"))
+                unreadable.append((row.id, grant_name(row.provider, row.user_name)))
                 reason = reason or str(exc)
         if unreadable:
             log.error(
