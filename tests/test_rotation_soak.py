@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import random
 import statistics
@@ -238,20 +239,56 @@ while time.monotonic() < end:
     worst = max(worst, time.monotonic() - before - 0.01)
 print(worst)
 """
+PROBE_STEP = 0.01  # seconds between the probes' wake-ups
+
+
+@dataclass
+class Stalls:
+    """The longest stalls (seconds) while the clients ran: the machine's, seen by a separate
+    process, and the clients' own event loop's (the test process), seen by a task on it."""
+
+    machine: float = 0.0
+    client: float = 0.0
+
+    @property
+    def worst(self) -> float:
+        """The longest time a caller's latency grew for a reason outside the broker."""
+        return max(self.machine, self.client)
+
+
+async def _loop_lag(deadline: float) -> float:
+    """The longest oversleep of a 10 ms sleep on this event loop until `deadline`."""
+    worst = 0.0
+    while time.monotonic() < deadline:
+        before = time.monotonic()
+        await asyncio.sleep(PROBE_STEP)
+        worst = max(worst, time.monotonic() - before - PROBE_STEP)
+    return worst
 
 
 @contextlib.asynccontextmanager
-async def machine_stalls(seconds: float) -> AsyncIterator[list[float]]:
-    """The machine's longest stall (seconds) while the block ran, measured by a bounded probe."""
+async def measured_stalls(seconds: float) -> AsyncIterator[Stalls]:
+    """The machine's and the client loop's longest stalls while the block ran (bounded probes).
+
+    The test process has gathered the whole suite's objects by the time a soak test runs, and a
+    full garbage collection of them holds the client loops for up to a second, which a caller's
+    measured latency would blame on the broker. They are frozen out of collections (`gc.freeze`)
+    while the block runs, as the daemon does with its own; what still stalls the client loop is
+    measured and allowed for, as the machine's stalls are. A stall of the broker is not."""
     probe = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _STALL_PROBE, str(seconds), stdout=asyncio.subprocess.PIPE
     )
-    worst: list[float] = []
+    stalls = Stalls()
+    gc.collect()
+    gc.freeze()
+    lag = Tasks().spawn(_loop_lag(time.monotonic() + seconds), "client loop lag probe")
     try:
-        yield worst
+        yield stalls
     finally:
+        gc.unfreeze()
+        stalls.client = await lag
         out, _ = await probe.communicate()
-        worst.append(float(out or 0))
+        stalls.machine = float(out or 0)
 
 
 def latency_numbers(serves: Sequence[Serve]) -> dict[str, float]:
@@ -296,7 +333,7 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
         broker.start()
         await broker.log_in_all(accounts)
         before, started = idp.stats(), time.time()
-        async with machine_stalls(SOAK_SECONDS) as stalls:
+        async with measured_stalls(SOAK_SECONDS) as stalls:
             traffic = await run_clients(
                 [broker], userinfo, list(accounts), loops_per_broker=8, seconds=SOAK_SECONDS, seed=1
             )
@@ -341,7 +378,8 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
             "refresh_interval_s_min": round(min(intervals), 2),
             "refresh_interval_s_max": round(max(intervals), 2),
             "min_expires_in": min(s.expires_in for s in traffic.serves),
-            "machine_stall_max_s": round(stalls[0], 3),
+            "machine_stall_max_s": round(stalls.machine, 3),
+            "client_loop_stall_max_s": round(stalls.client, 3),
             "idp": delta,
         },
     )
@@ -360,12 +398,14 @@ async def test_twenty_grants_stay_fresh_for_a_minute_with_every_token_valid_and_
     # never at expiry, where a refresh that a caller needed would happen.
     # The upper bounds allow for the longest time the machine stood still meanwhile (measured
     # by a separate process), which delays the broker's timers no matter what it does.
-    stall = stalls[0]
+    stall = stalls.machine
     assert all(c.outcome == "success" for c in calls)
     low = LIFETIME * SETTINGS.lifetime_fraction * (1 - SETTINGS.jitter)
     assert low - 0.05 <= min(intervals)
     assert max(intervals) < LIFETIME * SETTINGS.lifetime_fraction + 1.5 + stall
     assert min(s.expires_in for s in traffic.serves) >= (1 if stall < 0.5 else 0)
+    # Latency as the callers measured it also grows with their own loop's stalls.
+    stall = stalls.worst
     # Callers were answered from memory; only those that arrived while their grant's token was
     # at the IdP waited, and for no longer than that one call.
     memory = latency_numbers(verdict.plain)
