@@ -139,10 +139,12 @@ def test_scale_measures_each_size(h2load: None, tmp_path: Path, log_dir: Path) -
     assert_clean_logs(log_dir, "scale-0", "scale-10", "scale-20", "compare-10", "compare-20")
 
 
-def test_bulk_import_through_make_bench_stores_every_posted_grant(
+def test_bulk_import_through_make_bench_stores_every_grant_both_ways(
     tmp_path: Path, log_dir: Path
 ) -> None:
-    """`python -m bench` (`make bench`) runs bulk import, which stores every grant it posts."""
+    """`python -m bench` (`make bench`) runs bulk import both ways, `token-broker import
+    --jsonl` (judged against the target) and POST /v1/grants (for comparison), each storing
+    every grant it sends into a store of its own."""
     json_dir = tmp_path / "results"
     stdout = run_module(
         "bench",
@@ -157,9 +159,18 @@ def test_bulk_import_through_make_bench_stores_every_posted_grant(
     assert "Bulk import" in stdout
     assert "all benchmarks:" in stdout
     assert sorted(p.name for p in json_dir.iterdir()) == ["bulk_import.json"]
-    [row] = rows(json.loads((json_dir / "bulk_import.json").read_text()), "Bulk import")
-    assert row[:2] == ["POST /v1/grants", 50]
-    assert_clean_logs(log_dir, "import")
+    results = json.loads((json_dir / "bulk_import.json").read_text())
+    cli, post = rows(results, "Bulk import")
+    assert cli[:2] == ["import --jsonl", 50]
+    assert cli[-2] == ">= 5,000/s"
+    assert cli[-1] in ("yes", "NO")
+    assert post[:2] == ["POST /v1/grants", 50]
+    assert post[-2:] == [None, None]  # the one-grant API carries no target
+    assert [run["via"] for run in results["results"]["runs"]] == [
+        "import --jsonl",
+        "POST /v1/grants",
+    ]
+    assert_clean_logs(log_dir, "import-cli", "import-post")
 
 
 def test_markdown_renders_a_result_file_as_the_tables_it_holds(tmp_path: Path) -> None:
