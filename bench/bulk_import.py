@@ -38,7 +38,8 @@ from bench.tokens import fake_token
 from broker.store.engine import create_engine
 from broker.store.migrate import upgrade
 
-TARGET_RATE = 5000.0
+TARGET_RATE = 5000.0  # grants/s, for `import --jsonl`
+VIAS = {"cli": "import --jsonl", "post": "POST /v1/grants"}  # --via: the table's label
 CLI_TIMEOUT = 600.0
 
 
@@ -130,7 +131,7 @@ def via_post(
     broker = cpu_seconds(pid) - cpu
     others = busy_seconds() - busy - broker - client
     return ImportRun(
-        "POST /v1/grants",
+        VIAS["post"],
         len(bodies),
         in_flight,
         seconds,
@@ -180,7 +181,7 @@ def via_cli(
     client = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     others = busy_seconds() - busy - broker - client
     return ImportRun(
-        "import --jsonl",
+        VIAS["cli"],
         len(bodies),
         1,
         seconds,
@@ -197,9 +198,6 @@ async def _migrate(store_url: str) -> None:
         await upgrade(engine)
     finally:
         await engine.dispose()
-
-
-VIAS = {"cli": "import --jsonl", "post": "POST /v1/grants"}
 
 
 def import_once(

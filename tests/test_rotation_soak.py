@@ -228,18 +228,19 @@ def judge(traffic: Traffic, calls: Sequence[RefreshCall]) -> Verdict:
     return Verdict(unexcused, excused, stale, joined, plain)
 
 
-# A separate process that sleeps 10 ms at a time for `seconds` and prints the longest
+PROBE_STEP = 0.01  # seconds between the probes' wake-ups
+# A separate process that sleeps PROBE_STEP at a time for `seconds` and prints the longest
 # oversleep: how long this machine stopped running processes (a hypervisor's steal, say).
 _STALL_PROBE = """
 import sys, time
-worst, end = 0.0, time.monotonic() + float(sys.argv[1])
+seconds, step = float(sys.argv[1]), float(sys.argv[2])
+worst, end = 0.0, time.monotonic() + seconds
 while time.monotonic() < end:
     before = time.monotonic()
-    time.sleep(0.01)
-    worst = max(worst, time.monotonic() - before - 0.01)
+    time.sleep(step)
+    worst = max(worst, time.monotonic() - before - step)
 print(worst)
 """
-PROBE_STEP = 0.01  # seconds between the probes' wake-ups
 
 
 @dataclass
@@ -257,7 +258,7 @@ class Stalls:
 
 
 async def _loop_lag(deadline: float) -> float:
-    """The longest oversleep of a 10 ms sleep on this event loop until `deadline`."""
+    """The longest oversleep of a PROBE_STEP sleep on this event loop until `deadline`."""
     worst = 0.0
     while time.monotonic() < deadline:
         before = time.monotonic()
@@ -276,7 +277,12 @@ async def measured_stalls(seconds: float) -> AsyncIterator[Stalls]:
     while the block runs, as the daemon does with its own; what still stalls the client loop is
     measured and allowed for, as the machine's stalls are. A stall of the broker is not."""
     probe = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _STALL_PROBE, str(seconds), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-c",
+        _STALL_PROBE,
+        str(seconds),
+        str(PROBE_STEP),
+        stdout=asyncio.subprocess.PIPE,
     )
     stalls = Stalls()
     gc.collect()
