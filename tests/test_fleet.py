@@ -13,8 +13,11 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.crypto import Keyring
@@ -248,6 +251,65 @@ async def test_claims_respect_max_concurrency_across_brokers(
     assert len(set(ids)) == 4
     assert await repo_b.claim_due("p", b.id, NOW, LEASE, capacity=4, limit=3) == []
     assert len(await repo_b.claim_due("q", b.id, NOW, LEASE, capacity=4, limit=3)) == 1
+
+
+async def test_chosen_grants_are_claimed_in_the_order_given_within_the_room(
+    engine: AsyncEngine, keyring: Keyring
+) -> None:
+    """`claim_ids` takes the caller's grants in the caller's order as far as the provider's
+    room goes, tells which it tried, and never a grant of another provider."""
+    repo = GrantRepository(engine, keyring)
+    node = this_node()
+    await NodeRepository(engine, timedelta(seconds=30)).register(node, NOW)
+    due = datetime.now(UTC) - timedelta(hours=1)
+    mine = [(await repo.insert(grant_of("p", f"u{i}", due), NOW)).id for i in range(6)]
+    other = (await repo.insert(grant_of("q", "other", due), NOW)).id
+    chosen = [mine[4], other, mine[1], mine[3], mine[0]]
+    batch = await repo.claim_ids("p", node.id, NOW, LEASE, capacity=4, ids=chosen)
+    assert [c.grant.id for c in batch.claims if c.grant is not None] == [mine[4], mine[1], mine[3]]
+    assert batch.tried == frozenset(chosen[:4])
+    assert not await repo.lease_held(other, NOW)
+
+
+async def test_a_claim_batch_reads_neither_the_backlog_nor_the_provider_whole(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """Each claim batch counts the provider's live leases and reads the grants it was given:
+    on SQLite by the lease_owner index and the primary key, not by walking every grant of the
+    provider, which a backlog of thousands made cost more than the refresh itself."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    try:
+        await upgrade(engine)
+        repo = GrantRepository(engine, keyring)
+        node = this_node()
+        await NodeRepository(engine, timedelta(seconds=30)).register(node, NOW)
+        due = NOW - timedelta(hours=1)
+        await repo.store_many([grant_of("p", f"u{i:03d}", due) for i in range(200)], [], NOW)
+        ids = sorted(grant.id for grant in await repo.all())
+        await repo.claim_ids("p", node.id, NOW, LEASE, capacity=8, ids=ids[:3])  # live leases
+        statements: list[tuple[str, Any]] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and "grants" in statement:
+                statements.append((statement, parameters))
+
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
+        batch = await repo.claim_ids("p", node.id, NOW, LEASE, capacity=8, ids=ids[100:110])
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+        assert len(batch.claims) == 5
+        assert len(statements) >= 2  # the count of live leases and the claim's read
+        async with engine.connect() as conn:
+            for statement, parameters in statements:
+                plan = [
+                    row.detail
+                    for row in await conn.exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN {statement}", parameters
+                    )
+                ]
+                assert not [step for step in plan if "SCAN grants" in step], (statement, plan)
+                assert not [step for step in plan if "(provider=?" in step], (statement, plan)
+    finally:
+        await engine.dispose()
 
 
 async def test_after_an_outage_no_lease_is_taken_by_time_until_the_node_has_beaten_a_while(

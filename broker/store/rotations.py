@@ -46,7 +46,7 @@ from broker.model import Grant, GrantState, grant_name
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
 from broker.store.session import Database, stamp_writes, take_versions
-from broker.store.tables import grants, nodes
+from broker.store.tables import Unindexed, grants, nodes
 
 log = structlog.get_logger("broker.store.rotations")
 
@@ -154,8 +154,11 @@ class RotationWrites:
                 select(func.count())
                 .select_from(grants)
                 .where(
-                    grants.c.provider == provider,
-                    grants.c.lease_owner.is_not(None),
+                    # A walk of the lease_owner index over the leased rows only (an owner is a
+                    # node id, never empty), not of every grant of the provider: this runs for
+                    # every claim batch, and a backlog has thousands of grants of one provider.
+                    Unindexed(grants.c.provider) == provider,
+                    grants.c.lease_owner > "",
                     ~self.lease_free_for(None, now),
                 )
             )
@@ -278,27 +281,26 @@ class RotationWrites:
             room = min(limit, await self._room(conn, provider, now, capacity))
             if room < 1:
                 return ClaimBatch([], frozenset())
-            if order is not None:  # the caller's own choice and order, within the room
-                order = order[:room]
-                where = grants.c.id.in_(order)
-            query = _locked(
-                self._db,
-                select(grants)
-                .where(
-                    grants.c.provider == provider,
-                    grants.c.state == GrantState.ACTIVE.value,
-                    # A claim moves the refresh time to the claim's own, so an intent left
-                    # by a refresh cut short is due at once; a recovery that has to wait
-                    # (for requests that may still be at the provider) moves it later.
-                    grants.c.next_refresh_at <= self._db.now(now),
-                    self.lease_free_for(owner, now),
-                    where,
-                )
-                .order_by(grants.c.next_refresh_at)
-                .limit(room),
-                skip_locked=True,
+            query = select(grants).where(
+                # Not by the provider's index: the caller's ids are looked up by primary key,
+                # others found by walking the refresh times, in order, as far as the room.
+                Unindexed(grants.c.provider) == provider,
+                grants.c.state == GrantState.ACTIVE.value,
+                # A claim moves the refresh time to the claim's own, so an intent left by a
+                # refresh cut short is due at once; a recovery that has to wait (for requests
+                # that may still be at the provider) moves it later.
+                grants.c.next_refresh_at <= self._db.now(now),
+                self.lease_free_for(owner, now),
             )
-            rows = (await conn.execute(query)).all()
+            if order is None:
+                query = query.where(where).order_by(grants.c.next_refresh_at).limit(room)
+            else:  # the caller's own choice and order, within the room
+                order = order[:room]
+                query = query.where(grants.c.id.in_(order))
+            rows = (await conn.execute(_locked(self._db, query, skip_locked=True))).all()
+            if order is not None:
+                position = {grant_id: i for i, grant_id in enumerate(order)}
+                rows = sorted(rows, key=lambda row: position[row.id])
             tried = frozenset(order if order is not None else (row.id for row in rows))
             opened, unreadable = self._opened(rows)
             taken = (

@@ -21,7 +21,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import false
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -213,3 +217,31 @@ nodes = Table(
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("stopped_at", UTCDateTime, nullable=True),
 )
+
+
+class Unindexed(ColumnElement[Any]):
+    """A column that SQLite's planner may not serve by an index (SQLite's unary `+`; other
+    databases get the plain column).
+
+    Without statistics, SQLite prefers an equality on an index's leading column over any other
+    way in: `provider = ?` takes the (provider, user_name) index and so walks every grant of
+    the provider, even where a primary-key lookup or a walk of the few leased rows would do.
+    """
+
+    inherit_cache = True
+    # For the statement cache's key (SQLAlchemy declares it per instance).
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(Unindexed)
+def _unindexed(element: Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(Unindexed, "sqlite")
+def _unindexed_sqlite(element: Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)
