@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from broker.config import StoreConfig
 from broker.errors import StoreError
+from broker.store.sqlite_driver import OneTripDBAPI
 
 BUSY_TIMEOUT_MS = 10_000
 WRITE_OPTION = "broker_write"
@@ -67,7 +68,7 @@ def create_engine(
     """An async engine for the store URL, with each backend's settings wired in."""
     target = make_url(driver_url(url))
     if target.get_backend_name() == "sqlite":
-        engine = create_async_engine(target)
+        engine = create_async_engine(target, module=OneTripDBAPI())
         _wire_sqlite(engine)
         return engine
     target, connect_args = _postgresql(target, password_file)
