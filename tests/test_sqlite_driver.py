@@ -79,6 +79,34 @@ async def test_results_are_the_stock_adapters(
     assert len(mine[2][2]) == 6
 
 
+async def _fetched_in_parts(engine: AsyncEngine) -> list[Any]:
+    """Rows read off the DBAPI cursor with fetchmany(), at its default size and a set one."""
+    async with engine.begin() as conn:
+        await conn.execute(insert(items), [{"name": f"n{i}", "size": i} for i in range(5)])
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+
+        def parts(dbapi_connection: Any) -> list[Any]:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT name FROM items ORDER BY id")
+            seen = [cursor.arraysize, cursor.fetchmany()]
+            cursor.arraysize = 3
+            seen += [cursor.arraysize, cursor.fetchmany(), cursor.fetchall()]
+            cursor.close()
+            return seen
+
+        return await conn.run_sync(lambda _: parts(raw.dbapi_connection))
+
+
+async def test_fetching_in_parts_is_the_stock_adapters(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    ours, stock = engines
+    mine = await _fetched_in_parts(ours)
+    assert mine == await _fetched_in_parts(stock)
+    assert [len(part) for part in mine[1::2]] == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("statement", "error"),
     [

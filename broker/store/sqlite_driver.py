@@ -13,8 +13,8 @@ Everything else is aiosqlite's and SQLAlchemy's own: the thread, the connection,
 lock, exceptions (raised from the same sqlite3 calls, translated by the same handler), and
 server-side cursors, which this store does not use. This leans on two of their internals,
 aiosqlite's `Connection._execute` (queue a call on its thread) and `_conn`, as SQLAlchemy's
-own adapter does (`_tx`, `_conn`); the versions are pinned from below in pyproject.toml and
-tests/test_sqlite_driver.py holds the adapter to the stock one's results.
+own adapter does (`_tx`, `_conn`); pyproject.toml bounds both to the versions
+tests/test_sqlite_driver.py holds the adapter to (the stock adapter's results and errors).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _Outcome = tuple[Any, list[Any] | None, int, int | None]  # description, rows, r
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     """SQLAlchemy's aiosqlite cursor, with each statement one call on the connection's thread."""
 
-    __slots__ = ("_description", "_lastrowid", "_rowcount")
+    __slots__ = ("_arraysize", "_description", "_lastrowid", "_rowcount")
 
     def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
         # No aiosqlite cursor is opened here (that was a trip of its own): each statement
@@ -50,6 +50,7 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         self._description: Any = None
         self._rowcount = -1
         self._lastrowid: int | None = None
+        self._arraysize = 1  # sqlite3's default: what fetchmany() without a size returns
 
     @property
     def description(self) -> Any:
@@ -65,11 +66,11 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     @property
     def arraysize(self) -> int:
-        return 1
+        return self._arraysize
 
     @arraysize.setter
     def arraysize(self, value: int) -> None:
-        pass  # every row is fetched at once
+        self._arraysize = value
 
     async def _execute_async(self, operation: Any, parameters: Any) -> Any:
         await self._run(operation, parameters, many=False)
