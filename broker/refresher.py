@@ -304,9 +304,19 @@ class Refresher:
     async def _start_due(self, now: datetime) -> None:
         """Claim the grants the agenda has due, in batches per provider, and start a refresh
         for each claimed; those that cannot start now go back on the agenda for later."""
+        # No more than could start here now: what is taken and cannot start goes back on the
+        # agenda, and during a backlog that would be a batch's worth for each refresh ending.
+        free = sum(
+            max(0, self._max_concurrency - self._sending_per_provider[provider])
+            for provider in self._providers
+        )
+        if free < 1:
+            self._starved = True  # until a refresh ends and wakes the loop
+            return
+        self._starved = False
         mono = time.monotonic()
         wanted: dict[str, list[tuple[Grant, int]]] = defaultdict(list)
-        for grant_id, version in self._agenda.take_due(now, DUE_BATCH):
+        for grant_id, version in self._agenda.take_due(now, min(free, DUE_BATCH)):
             grant = self._cache.by_id(grant_id)
             if grant is None or grant.version != version or grant.id in self._inflight:
                 continue  # gone, superseded, or being refreshed here: it will be published
