@@ -8,6 +8,7 @@ them fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +32,17 @@ SECRETS: set[str] = set()
 FAULT_MATRIX: list[Any] = []
 _SESSION_LOG = io.StringIO()
 _LOG_DIRS: list[Path] = []
+
+
+@contextlib.asynccontextmanager
+async def migrated(url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the store at `url`, migrated to the head, disposed at the end."""
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +87,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.new_database()
 
 
+@pytest.fixture
+async def store_engine(store_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated store on SQLite or PostgreSQL, disposed after the test."""
+    async with migrated(store_url) as engine:
+        yield engine
+
+
 # -- the refresher's world: a migrated SQLite store, a hand clock, the model IdP -----------------
 
 
@@ -87,12 +106,8 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def engine(db_path: Path) -> AsyncIterator[AsyncEngine]:
     """A migrated SQLite store in the test's directory."""
-    engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        await upgrade(engine)
+    async with migrated(f"sqlite:///{db_path}") as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,14 +35,9 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture
-async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
+def engine(store_engine: AsyncEngine) -> AsyncEngine:
     """A migrated store on SQLite or PostgreSQL."""
-    engine = create_engine(store_url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
+    return store_engine
 
 
 def grant_of(provider: str, user: str, due: datetime) -> Grant:

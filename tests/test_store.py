@@ -22,6 +22,7 @@ from broker.store.engine import create_engine, writer
 from broker.store.migrate import upgrade
 from broker.store.repository import GrantRepository, KeyUsage
 from broker.store.tables import grants
+from tests.conftest import migrated
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
@@ -79,14 +80,9 @@ async def insert_many(repo: GrantRepository, new_secret: NewSecret, count: int) 
 
 
 @pytest.fixture
-async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
-    """A migrated store on SQLite or PostgreSQL, disposed after the test."""
-    engine = create_engine(store_url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
+def engine(store_engine: AsyncEngine) -> AsyncEngine:
+    """A migrated store on SQLite or PostgreSQL."""
+    return store_engine
 
 
 @pytest.fixture
@@ -469,12 +465,8 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 async def sqlite_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated SQLite store, disposed after the test."""
-    engine = create_engine(sqlite_url)
-    try:
-        await upgrade(engine)
+    async with migrated(sqlite_url) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,17 @@ from typing import Any
 
 import structlog
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    Integer,
     Row,
     Select,
+    Update,
     bindparam,
     case,
     func,
     or_,
     select,
-    true,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -45,7 +47,13 @@ from broker.errors import ConflictError, DecryptError
 from broker.model import Grant, GrantState, grant_name
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
-from broker.store.session import Database, stamp_writes, take_versions
+from broker.store.session import (
+    Database,
+    clock_now,
+    clock_shifted,
+    stamp_writes,
+    take_versions,
+)
 from broker.store.tables import Unindexed, grants, nodes
 
 log = structlog.get_logger("broker.store.rotations")
@@ -121,48 +129,50 @@ class RotationWrites:
 
     # -- liveness ------------------------------------------------------------------------------
 
-    def _dead_nodes(self, now: datetime) -> Select[tuple[str]]:
-        dead: list[ColumnElement[bool]] = [nodes.c.stopped_at.is_not(None)]
-        if self.node_timeout is not None and self.judging():
-            dead.append(nodes.c.heartbeat_at < self._db.shifted(now, -self.node_timeout))
-        return select(nodes.c.id).where(or_(*dead))
-
     def lease_free_for(self, owner: str | None, now: datetime) -> ColumnElement[bool]:
         """Whether `owner` (None: anyone) may take a grant's lease now: nobody holds it, its
         owner is dead (stopped, or silent past node_timeout), it has expired, or `owner` holds
         it already. Time-based judgements wait until `judging()` allows them."""
-        free: list[ColumnElement[bool]] = [
-            grants.c.lease_owner.is_(None),
-            grants.c.lease_owner.in_(self._dead_nodes(now)),
-        ]
-        if self.judging():
-            free.append(grants.c.lease_expires_at < self._db.now(now))
-        if owner is not None:
-            free.append(grants.c.lease_owner == owner)
-        return or_(*free)
+        judging = self.judging()
+        dead_before = (
+            self._db.shifted(now, -self.node_timeout)
+            if self.node_timeout is not None and judging
+            else None
+        )
+        return _lease_free(owner, self._db.now(now), dead_before, judging=judging)
+
+    def _claim_terms(
+        self, provider: str, owner: str, now: datetime, lease: timedelta
+    ) -> tuple[_ClaimSql, dict[str, Any]]:
+        """A claim's statements, built once for this store and judgement, and the values of
+        their parameters."""
+        judging = self.judging()
+        timed = self.node_timeout is not None and judging
+        shifts = {_LEASE_UNTIL: lease}
+        if timed:
+            assert self.node_timeout is not None
+            shifts[_DEAD_BEFORE] = -self.node_timeout
+        values = {
+            _PROVIDER: provider,
+            _OWNER: owner,
+            **self._db.clock_values(now, **shifts),
+        }
+        return _claim_sql(self._db.server_clock, judging=judging, timed=timed), values
 
     async def _room(
-        self, conn: AsyncConnection, provider: str, now: datetime, capacity: int
+        self,
+        conn: AsyncConnection,
+        sql: _ClaimSql,
+        values: dict[str, Any],
+        provider: str,
+        capacity: int,
     ) -> int:
         """How many more refreshes of `provider` may start now, fleet-wide; serializes the
         provider's claims until the transaction ends."""
         if self._db.server_clock:
             key = zlib.crc32(f"token-broker claims {provider}".encode())
-            await conn.execute(select(func.pg_advisory_xact_lock(key)))
-        live = (
-            await conn.execute(
-                select(func.count())
-                .select_from(grants)
-                .where(
-                    # A walk of the lease_owner index over the leased rows only (an owner is a
-                    # node id, never empty), not of every grant of the provider: this runs for
-                    # every claim batch, and a backlog has thousands of grants of one provider.
-                    Unindexed(grants.c.provider) == provider,
-                    grants.c.lease_owner > "",
-                    ~self.lease_free_for(None, now),
-                )
-            )
-        ).scalar_one()
+            await conn.execute(_CLAIMS_LOCK, {"lock_key": key})
+        live = (await conn.execute(sql.live, values)).scalar_one()
         return max(0, capacity - int(live))
 
     # -- claims --------------------------------------------------------------------------------
@@ -184,6 +194,7 @@ class RotationWrites:
         left by an earlier owner (a refresh whose outcome is unknown) is kept, not renewed: the
         provider's grace is counted from it.
         """
+        sql, values = self._claim_terms(grant.provider, owner, now, lease)
         async with self._db.write() as conn:
             current = (
                 await conn.execute(
@@ -206,10 +217,10 @@ class RotationWrites:
             if (
                 capacity is not None
                 and current.lease_owner != owner
-                and await self._room(conn, grant.provider, now, capacity) < 1
+                and await self._room(conn, sql, values, grant.provider, capacity) < 1
             ):
                 return Claim(ClaimOutcome.FULL)
-            claimed = await self._take(conn, grant, owner, now, lease)
+            (claimed,) = await self._take_many(conn, [grant], values)
         took_over = current.lease_owner if current.lease_owner not in (None, owner) else None
         return Claim(ClaimOutcome.CLAIMED, claimed, took_over, current.intent_at is not None)
 
@@ -237,7 +248,7 @@ class RotationWrites:
             lease,
             capacity=capacity,
             limit=limit,
-            where=grants.c.id.not_in(list(skip)) if skip else true(),
+            where=grants.c.id.not_in(list(skip)) if skip else None,
         )
         return batch.claims
 
@@ -261,7 +272,6 @@ class RotationWrites:
             lease,
             capacity=capacity,
             limit=len(ids),
-            where=grants.c.id.in_(ids),
             order=ids,
         )
 
@@ -274,37 +284,33 @@ class RotationWrites:
         *,
         capacity: int,
         limit: int,
-        where: ColumnElement[bool],
+        where: ColumnElement[bool] | None = None,
         order: list[str] | None = None,
     ) -> ClaimBatch:
+        """Claim `order` (these ids, in this order), or else the earliest due of those
+        `where` allows, up to `limit` and the provider's room."""
+        sql, values = self._claim_terms(provider, owner, now, lease)
         async with self._db.write() as conn:
-            room = min(limit, await self._room(conn, provider, now, capacity))
+            room = min(limit, await self._room(conn, sql, values, provider, capacity))
             if room < 1:
                 return ClaimBatch([], frozenset())
-            query = select(grants).where(
-                # Not by the provider's index: the caller's ids are looked up by primary key,
-                # others found by walking the refresh times, in order, as far as the room.
-                Unindexed(grants.c.provider) == provider,
-                grants.c.state == GrantState.ACTIVE.value,
-                # A claim moves the refresh time to the claim's own, so an intent left by a
-                # refresh cut short is due at once; a recovery that has to wait (for requests
-                # that may still be at the provider) moves it later.
-                grants.c.next_refresh_at <= self._db.now(now),
-                self.lease_free_for(owner, now),
-            )
             if order is None:
-                query = query.where(where).order_by(grants.c.next_refresh_at).limit(room)
+                # Built per call (the schedule claims by ids): the earliest due, in order.
+                query = sql.due.order_by(grants.c.next_refresh_at).limit(room)
+                if where is not None:
+                    query = query.where(where)
+                rows = (
+                    await conn.execute(_locked(self._db, query, skip_locked=True), values)
+                ).all()
             else:  # the caller's own choice and order, within the room
                 order = order[:room]
-                query = query.where(grants.c.id.in_(order))
-            rows = (await conn.execute(_locked(self._db, query, skip_locked=True))).all()
-            if order is not None:
+                rows = (await conn.execute(sql.by_ids, {**values, _IDS: order})).all()
                 position = {grant_id: i for i, grant_id in enumerate(order)}
                 rows = sorted(rows, key=lambda row: position[row.id])
             tried = frozenset(order if order is not None else (row.id for row in rows))
             opened, unreadable = self._opened(rows)
             taken = (
-                await self._take_many(conn, [grant for _, grant in opened], owner, now, lease)
+                await self._take_many(conn, [grant for _, grant in opened], values)
                 if opened
                 else []
             )
@@ -345,40 +351,19 @@ class RotationWrites:
             )
         return opened, frozenset(row_id for row_id, _ in unreadable)
 
-    async def _take(
-        self, conn: AsyncConnection, grant: Grant, owner: str, now: datetime, lease: timedelta
-    ) -> Grant:
-        return (await self._take_many(conn, [grant], owner, now, lease))[0]
-
     async def _take_many(
-        self,
-        conn: AsyncConnection,
-        claimed: list[Grant],
-        owner: str,
-        now: datetime,
-        lease: timedelta,
+        self, conn: AsyncConnection, claimed: list[Grant], values: dict[str, Any]
     ) -> list[Grant]:
         """Take the lease on each of `claimed` and record its intent: one statement for all,
-        each row at a version of its own."""
-        first = await take_versions(conn, len(claimed)) - len(claimed) + 1
+        each row at a version of its own (`values` from `_claim_terms`)."""
+        count = len(claimed)
+        first = await take_versions(conn, count) - count + 1
         versions = {grant.id: first + i for i, grant in enumerate(claimed)}
-        result = await conn.execute(
-            update(grants)
-            .where(grants.c.id.in_(list(versions)))
-            .values(
-                lease_owner=owner,
-                lease_expires_at=self._db.shifted(now, lease),
-                intent_at=func.coalesce(grants.c.intent_at, self._db.now(now)),
-                # Due now, should this refresh be cut short (see _claim_where).
-                next_refresh_at=case(
-                    (grants.c.next_refresh_at <= self._db.now(now), grants.c.next_refresh_at),
-                    else_=self._db.now(now),
-                ),
-                updated_at=self._db.now(now),
-                version=case(versions, value=grants.c.id),
-            )
-            .returning(grants.c.id, grants.c.intent_at, grants.c.updated_at)
-        )
+        params = dict(values)
+        for i, grant in enumerate(claimed):
+            params[f"{_TAKE_ID}{i}"] = grant.id
+            params[f"{_TAKE_VERSION}{i}"] = versions[grant.id]
+        result = await conn.execute(_take_sql(self._db.server_clock, count), params)
         stamps = {row.id: row for row in result}
         await self._db.notify(conn, [notice(grant_id, v) for grant_id, v in versions.items()])
         return [
@@ -491,40 +476,33 @@ class RotationWrites:
             values = {**self._rows.plain(new), **self._rows.sealed(new)}
             for fixed in ("id", "created_at", "version", "updated_at"):
                 values.pop(fixed)
+            values.update(
+                lease_owner=None,
+                lease_expires_at=None,
+                last_write=commit.write_id,
+                fence_id=commit.grant.id,
+                fence_generation=commit.expected_generation,
+            )
             prepared.append((commit, new, values))
-        outcomes: list[Grant | Exception] = []
         async with self._db.write() as conn:
-            for commit, new, values in prepared:
-                result = await conn.execute(
-                    _COMMIT,
-                    {
-                        **values,
-                        "lease_owner": None,
-                        "lease_expires_at": None,
-                        "last_write": commit.write_id,
-                        "fence_id": commit.grant.id,
-                        "fence_generation": commit.expected_generation,
-                    },
-                )
-                if result.rowcount != 1:
-                    outcomes.append(
-                        ConflictError(
-                            f"grant {commit.grant.name} is no longer at generation "
-                            f"{commit.expected_generation}"
-                        )
-                    )
-                    continue
-                outcomes.append(replace(new, key_id=values["key_id"]))
-            landed = [g for g in outcomes if isinstance(g, Grant)]
+            landed = await _update_fenced(conn, [values for _, _, values in prepared])
+            ids = [commit.grant.id for commit in commits if commit.write_id in landed]
             # Stamped (version and updated_at) last, by the store's clock of that moment.
             at = self._db.now(max(c.now for c in commits))
-            stamps = await stamp_writes(conn, [g.id for g in landed], at)
-            await self._db.notify(conn, [notice(g.id, stamps[g.id][0]) for g in landed])
+            stamps = await stamp_writes(conn, ids, at)
+            await self._db.notify(conn, [notice(i, stamps[i][0]) for i in ids])
         return [
-            replace(g, version=stamps[g.id][0], updated_at=stamps[g.id][1])
-            if isinstance(g, Grant)
-            else g
-            for g in outcomes
+            replace(
+                new,
+                key_id=values["key_id"],
+                version=stamps[commit.grant.id][0],
+                updated_at=stamps[commit.grant.id][1],
+            )
+            if commit.write_id in landed
+            else ConflictError(
+                f"grant {commit.grant.name} is no longer at generation {commit.expected_generation}"
+            )
+            for commit, new, values in prepared
         ]
 
     async def settle(
@@ -617,3 +595,123 @@ def _locked(db: Database, query: Select[Any], *, skip_locked: bool = False) -> S
     if not db.server_clock:
         return query
     return query.with_for_update(skip_locked=skip_locked, of=grants)
+
+
+async def _update_fenced(conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
+    """Run the fenced commit UPDATE for each of these rows; the write ids that landed.
+
+    One executemany for the batch, not a statement per row (each one a round of the driver
+    and of SQLAlchemy's execution): when the driver counts the rows an executemany changed
+    and the count is the batch's, every fence held; otherwise the rows' own `last_write`
+    says which writes landed. A grant twice in one batch (never the case under a lease)
+    goes one row at a time, each fenced by the write before it.
+    """
+    if len({row["fence_id"] for row in rows}) < len(rows):
+        return {
+            row["last_write"] for row in rows if (await conn.execute(_COMMIT, row)).rowcount == 1
+        }
+    result = await conn.execute(_COMMIT, rows)
+    if conn.dialect.supports_sane_multi_rowcount and result.rowcount == len(rows):
+        return {row["last_write"] for row in rows}
+    written = await conn.execute(
+        select(grants.c.last_write).where(grants.c.id.in_([row["fence_id"] for row in rows]))
+    )
+    return set(written.scalars()) & {row["last_write"] for row in rows}
+
+
+# Parameters of the claim statements, which are built once (`_claim_sql`, `_take_sql`): a claim
+# batch runs on every wake of the schedule during a backlog, and building its statements anew
+# and computing their cache keys cost SQLAlchemy more than running them.
+_PROVIDER, _OWNER, _IDS = "claim_provider", "claim_owner", "claim_ids"
+_LEASE_UNTIL, _DEAD_BEFORE = "lease_until", "dead_before"
+_TAKE_ID, _TAKE_VERSION = "take_id_", "take_version_"
+
+_CLAIMS_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock_key", type_=BigInteger)))
+
+
+def _lease_free(
+    owner: str | ColumnElement[str] | None,
+    now: ColumnElement[datetime],
+    dead_before: ColumnElement[datetime] | None,
+    *,
+    judging: bool,
+) -> ColumnElement[bool]:
+    """See `RotationWrites.lease_free_for`; `dead_before`: a heartbeat older than this is a
+    dead node's (None: only stopped nodes are dead)."""
+    dead: list[ColumnElement[bool]] = [nodes.c.stopped_at.is_not(None)]
+    if dead_before is not None:
+        dead.append(nodes.c.heartbeat_at < dead_before)
+    free: list[ColumnElement[bool]] = [
+        grants.c.lease_owner.is_(None),
+        grants.c.lease_owner.in_(select(nodes.c.id).where(or_(*dead))),
+    ]
+    if judging:
+        free.append(grants.c.lease_expires_at < now)
+    if owner is not None:
+        free.append(grants.c.lease_owner == owner)
+    return or_(*free)
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimSql:
+    """A claim's statements, for one kind of store and judgement."""
+
+    live: Select[Any]  # how many leases of the provider are live now
+    due: Select[Any]  # the provider's grants that are due and free for the owner
+    by_ids: Select[Any]  # those of them among the given ids, locked
+
+
+@functools.cache
+def _claim_sql(server_clock: bool, *, judging: bool, timed: bool) -> _ClaimSql:
+    now = clock_now(server_clock)
+    dead_before = clock_shifted(server_clock, _DEAD_BEFORE) if timed else None
+    # Not by the provider's index: the count walks the lease_owner index over the leased rows
+    # only (an owner is a node id, never empty), and a batch's ids are looked up by primary
+    # key; a backlog has thousands of grants of one provider, and this runs for every batch.
+    provider = Unindexed(grants.c.provider) == bindparam(_PROVIDER)
+    live = (
+        select(func.count())
+        .select_from(grants)
+        .where(
+            provider,
+            grants.c.lease_owner > "",
+            ~_lease_free(None, now, dead_before, judging=judging),
+        )
+    )
+    due = select(grants).where(
+        provider,
+        grants.c.state == GrantState.ACTIVE.value,
+        # A claim moves the refresh time to the claim's own, so an intent left by a refresh
+        # cut short is due at once; a recovery that has to wait (for requests that may still
+        # be at the provider) moves it later.
+        grants.c.next_refresh_at <= now,
+        _lease_free(bindparam(_OWNER), now, dead_before, judging=judging),
+    )
+    by_ids = due.where(grants.c.id.in_(bindparam(_IDS, expanding=True)))
+    if server_clock:
+        by_ids = by_ids.with_for_update(skip_locked=True, of=grants)
+    return _ClaimSql(live, due, by_ids)
+
+
+@functools.lru_cache(maxsize=64)
+def _take_sql(server_clock: bool, count: int) -> Update:
+    """The lease and intent of `count` claimed grants, each at its own version."""
+    now = clock_now(server_clock)
+    ids = [bindparam(f"{_TAKE_ID}{i}", type_=grants.c.id.type) for i in range(count)]
+    versions = [bindparam(f"{_TAKE_VERSION}{i}", type_=Integer) for i in range(count)]
+    return (
+        update(grants)
+        .where(grants.c.id.in_(ids))
+        .values(
+            lease_owner=bindparam(_OWNER),
+            lease_expires_at=clock_shifted(server_clock, _LEASE_UNTIL),
+            intent_at=func.coalesce(grants.c.intent_at, now),
+            # Due now, should this refresh be cut short (see `_claim_sql`).
+            next_refresh_at=case(
+                (grants.c.next_refresh_at <= now, grants.c.next_refresh_at), else_=now
+            ),
+            updated_at=now,
+            version=case(*zip(ids, versions, strict=True), value=grants.c.id),
+        )
+        .returning(grants.c.id, grants.c.intent_at, grants.c.updated_at)
+    )

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Interval,
     Table,
     bindparam,
@@ -88,6 +89,13 @@ class Database:
         if self.server_clock:
             return func.clock_timestamp() + literal(delta, Interval)
         return literal(now + delta, UTCDateTime)
+
+    def clock_values(self, now: datetime, **shifts: timedelta) -> dict[str, Any]:
+        """The parameters of a statement built once with `clock_now` and `clock_shifted`:
+        on SQLite `now` and each `now + shift` under its name, on PostgreSQL the shifts."""
+        if self.server_clock:
+            return dict(shifts)
+        return {_STORE_NOW: now, **{name: now + delta for name, delta in shifts.items()}}
 
     async def notify(self, conn: AsyncConnection, payloads: Iterable[str]) -> None:
         """Announce changes to the other brokers (PostgreSQL NOTIFY, delivered at commit).
@@ -169,6 +177,32 @@ def _is_connection_error(exc: DBAPIError) -> bool:
     return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "53", "57", "40")
 
 
+_STORE_NOW = "store_now"
+
+
+def clock_now(server_clock: bool) -> ColumnElement[datetime]:
+    """`Database.now` in a statement built once, for every call: the server's clock, or a
+    parameter (`Database.clock_values` gives its value)."""
+    if server_clock:
+        return func.clock_timestamp()
+    return bindparam(_STORE_NOW, type_=UTCDateTime)
+
+
+def clock_shifted(server_clock: bool, name: str) -> ColumnElement[datetime]:
+    """`Database.shifted` in a statement built once: the shift is the parameter `name`."""
+    if server_clock:
+        return func.clock_timestamp() + bindparam(name, type_=Interval)
+    return bindparam(name, type_=UTCDateTime)
+
+
+_TAKE_VERSIONS = (
+    update(grant_changes)
+    .where(grant_changes.c.id == 1)
+    .values(seq=grant_changes.c.seq + bindparam("take_count", type_=Integer))
+    .returning(grant_changes.c.seq)
+)
+
+
 async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
     """Take `count` values of the change sequence inside `conn`'s write transaction; the last.
 
@@ -178,12 +212,7 @@ async def take_versions(conn: AsyncConnection, count: int = 1) -> int:
     orders every write of every broker is held as briefly as can be (and, taken last by all,
     never waited for while holding it in the other order).
     """
-    result = await conn.execute(
-        update(grant_changes)
-        .where(grant_changes.c.id == 1)
-        .values(seq=grant_changes.c.seq + count)
-        .returning(grant_changes.c.seq)
-    )
+    result = await conn.execute(_TAKE_VERSIONS, {"take_count": count})
     return int(result.scalar_one())
 
 
