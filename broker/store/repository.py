@@ -198,7 +198,7 @@ class GrantRepository(RotationWrites):
         try:
             async with self._db.write() as conn:
                 await conn.execute(insert(grants).values(**values))
-                stamps = await stamp_writes(conn, [grant.id], self._db.now(now))
+                stamps = await stamp_writes(conn, self._db, [grant.id], now)
                 version, updated_at = stamps[grant.id]
                 await self._db.notify(conn, [notice(grant.id, version)])
         except IntegrityError:
@@ -244,7 +244,7 @@ class GrantRepository(RotationWrites):
                     written.append(
                         (grant, grant.id, expected + 1, grant.created_at, values["key_id"])
                     )
-                stamps = await stamp_writes(conn, [w[1] for w in written], self._db.now(now))
+                stamps = await stamp_writes(conn, self._db, [w[1] for w in written], now)
                 stored = [
                     replace(
                         grant,
@@ -279,9 +279,7 @@ class GrantRepository(RotationWrites):
                     f"grant {grant.name} changed under us "
                     f"(expected generation {expected_generation})"
                 )
-            version, updated_at = (await stamp_writes(conn, [grant.id], self._db.now(now)))[
-                grant.id
-            ]
+            version, updated_at = (await stamp_writes(conn, self._db, [grant.id], now))[grant.id]
             await self._db.notify(conn, [notice(grant.id, version)])
         return replace(new, key_id=values["key_id"], version=version, updated_at=updated_at)
 

@@ -488,8 +488,7 @@ class RotationWrites:
             landed = await _update_fenced(conn, [values for _, _, values in prepared])
             ids = [commit.grant.id for commit in commits if commit.write_id in landed]
             # Stamped (version and updated_at) last, by the store's clock of that moment.
-            at = self._db.now(max(c.now for c in commits))
-            stamps = await stamp_writes(conn, ids, at)
+            stamps = await stamp_writes(conn, self._db, ids, max(c.now for c in commits))
             await self._db.notify(conn, [notice(i, stamps[i][0]) for i in ids])
         return [
             replace(
@@ -549,9 +548,7 @@ class RotationWrites:
                     f"grant {grant.name} is no longer at generation {grant.generation} "
                     "under this lease"
                 )
-            version, updated_at = (await stamp_writes(conn, [grant.id], self._db.now(now)))[
-                grant.id
-            ]
+            version, updated_at = (await stamp_writes(conn, self._db, [grant.id], now))[grant.id]
             await self._db.notify(conn, [notice(grant.id, version)])
         return replace(
             grant,

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -222,32 +222,44 @@ _STAMP_ONE = (
     .values(version=bindparam("stamp_version"))
 )
 _STAMP_MANY = _STAMP_ONE.values(updated_at=bindparam("stamp_at", type_=UTCDateTime))
+# One row: stamped by the store's clock and read back in the same statement.
+_STAMP_ONE_NOW = {
+    server_clock: _STAMP_ONE.values(updated_at=clock_now(server_clock)).returning(
+        grants.c.updated_at
+    )
+    for server_clock in (False, True)
+}
+_SERVER_NOW = select(type_coerce(func.clock_timestamp(), UTCDateTime))
 
 
 async def stamp_writes(
     conn: AsyncConnection,
+    db: Database,
     grant_ids: Sequence[str],
-    at: ColumnElement[datetime],
+    now: datetime,
 ) -> dict[str, tuple[int, datetime]]:
     """Give each of these rows, written earlier in this transaction, the next value of the
-    change sequence, in the order given (see `take_versions`), and `updated_at` = `at` (the
-    store's "now"): the instant the write took its place in the sequence, right
+    change sequence, in the order given (see `take_versions`), and `updated_at` = the store's
+    "now" (`Database.now`): the instant the write took its place in the sequence, right
     before its commit, which is what other brokers measure their lag from. Each row's version
     and updated_at.
 
-    The statements are the same whatever the ids, so they are compiled once: one row is one
-    UPDATE ... RETURNING; several are one reading of `at` and one executemany.
+    The statements are the same whatever the ids, so they are built once: one row is one
+    UPDATE ... RETURNING; several are one executemany, after one reading of the server's
+    clock on PostgreSQL (on SQLite the store's "now" is `now` itself).
     """
     if not grant_ids:
         return {}
     first = await take_versions(conn, len(grant_ids)) - len(grant_ids) + 1
     if len(grant_ids) == 1:
         result = await conn.execute(
-            _STAMP_ONE.values(updated_at=at).returning(grants.c.updated_at),
-            {"stamp_id": grant_ids[0], "stamp_version": first},
+            _STAMP_ONE_NOW[db.server_clock],
+            {"stamp_id": grant_ids[0], "stamp_version": first, **db.clock_values(now)},
         )
         return {grant_ids[0]: (first, result.scalar_one())}
-    when: datetime = (await conn.execute(select(type_coerce(at, UTCDateTime)))).scalar_one()
+    when: datetime = (
+        (await conn.execute(_SERVER_NOW)).scalar_one() if db.server_clock else now.astimezone(UTC)
+    )
     await conn.execute(
         _STAMP_MANY,
         [
