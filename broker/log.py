@@ -120,6 +120,10 @@ def _scrub(text: str) -> str:
     return _apply_patterns(text) if _MAY_MATCH.search(text) else text
 
 
+# Exact types whose values carry no text to scan: most of what a daemon logs, with strings.
+_NUMBERS = frozenset({int, float, bool, type(None)})
+
+
 def _redact_value(value: object, depth: int) -> object:
     if depth > _MAX_DEPTH or isinstance(value, Secret):
         return REDACTED
@@ -142,6 +146,14 @@ def _redact_mapping(mapping: Mapping[Any, Any], depth: int) -> dict[Any, Any]:
         if isinstance(key, str) and _is_secret_key(key):
             # None and booleans say whether a secret exists without carrying one.
             clean[key] = value if value is None or isinstance(value, bool) else REDACTED
+        elif depth > _MAX_DEPTH:
+            clean[key] = REDACTED
+        # The common cases by exact type, as `_redact_value` would treat them (a subclass of
+        # str or int goes the whole way there).
+        elif type(value) is str:
+            clean[key] = _scrub(value)
+        elif type(value) in _NUMBERS:
+            clean[key] = value
         else:
             clean[key] = _redact_value(value, depth)
     return clean
