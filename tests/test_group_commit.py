@@ -17,6 +17,7 @@ from broker.model import Grant, Secret, TokenSet
 from broker.store.group import GroupCommit
 from broker.store.repository import GrantRepository
 from broker.store.rotations import _Commit
+from broker.store.session import Database
 from broker.tasks import Tasks
 from tests.test_follower import new_grant
 
@@ -201,3 +202,44 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
         return len(statements)
 
     assert await batch(2, "small") == await batch(20, "large")
+
+
+async def test_writes_that_queue_while_the_store_is_busy_go_in_one_transaction(
+    engine: AsyncEngine, keyring: Keyring
+) -> None:
+    """On SQLite, whose writes take turns: a batch is gathered once the store is free, so the
+    first write does not take a transaction of its own while the others wait behind it."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's write transactions do not take turns")
+    repo = CountingRepository(engine, keyring)
+    stored = [await repo.insert(new_grant(f"busy{i}"), NOW) for i in range(3)]
+    tasks = Tasks()
+    writes = []
+    async with Database(engine).write():  # another write of this process holds the store
+        for i, g in enumerate(stored):  # one after another, each queued before the next
+            writes.append(
+                tasks.spawn(repo.commit_refresh(g, g.generation, f"busy-w{i}", NOW), "write")
+            )
+            for _ in range(5):
+                await asyncio.sleep(0)
+    results = await asyncio.gather(*writes)
+    assert all(isinstance(r, Grant) for r in results)
+    assert repo.transactions == 1
+
+
+async def test_writes_still_queued_when_the_batching_is_cancelled_fail_instead_of_waiting() -> None:
+    ledger = Ledger()
+    never = asyncio.Event()
+    group: GroupCommit[int, str] = GroupCommit(
+        ledger.flush, limit=10, name="test", ready=never.wait
+    )
+    tasks = Tasks()
+    writes = [tasks.spawn(group.submit(i), "write") for i in (2, 4)]
+    for _ in range(3):  # the writes queue, and the batching waits for the store
+        await asyncio.sleep(0)
+    draining = group._draining
+    assert draining is not None
+    draining.cancel()
+    errors = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(isinstance(e, StoreUnavailable) for e in errors)
+    assert ledger.batches == []

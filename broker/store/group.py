@@ -4,7 +4,9 @@ A durable commit costs a flush to disk (and on PostgreSQL a round trip and the c
 sequence's row lock) whatever it holds. When many refreshes end at once, `GroupCommit` writes
 all the outcomes that queued up during one commit in a single transaction, so the store's
 commit rate bounds the rate of batches, not of rotations. One write alone goes at once: a
-queue that is empty costs no waiting.
+queue that is empty costs no waiting. With `ready` (the store's writer being free), a batch is
+gathered only once the store can take it, so writes that arrive while another transaction of
+this process holds the store join the batch instead of following it one by one.
 
 Each submitter gets its own result (or its own exception, such as a ConflictError for a
 compare-and-swap that missed) and nothing is published before its transaction has committed:
@@ -35,8 +37,10 @@ class GroupCommit(Generic[T, R]):
         *,
         limit: int,
         name: str,
+        ready: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._flush = flush
+        self._ready = ready
         self._limit = limit
         self._name = name
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
@@ -52,30 +56,42 @@ class GroupCommit(Generic[T, R]):
         return await future
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = [(item, f) for item, f in self._queue[: self._limit] if not f.done()]
-            del self._queue[: self._limit]
-            if not batch:
+        try:
+            while self._queue:
+                if self._ready is not None:
+                    # Until the store can take the batch at once: what queues meanwhile joins.
+                    await self._ready()
+                batch = [(item, f) for item, f in self._queue[: self._limit] if not f.done()]
+                del self._queue[: self._limit]
+                if batch:
+                    await self._write(batch)
+        except BaseException:  # cancelled: the writes still queued never started
+            for _, future in self._queue:
+                if not future.done():
+                    future.set_exception(StoreUnavailable("the write was interrupted"))
+            self._queue.clear()
+            raise
+
+    async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the transaction failed, and every write in it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_own_copy(exc))
+            return
+        except BaseException:  # cancelled mid-transaction: whether it landed is unknown
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable("the write was interrupted"))
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
                 continue
-            try:
-                results = await self._flush([item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - the transaction failed, and every write in it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(_own_copy(exc))
-                continue
-            except BaseException:  # cancelled mid-transaction: whether it landed is unknown
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailable("the write was interrupted"))
-                raise
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 def _own_copy(exc: Exception) -> Exception:

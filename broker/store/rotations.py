@@ -465,7 +465,12 @@ class RotationWrites:
 
     @functools.cached_property
     def _commits(self) -> GroupCommit[_Commit, Grant]:
-        return GroupCommit(self._commit_many, limit=COMMIT_BATCH, name="commit refreshes")
+        return GroupCommit(
+            self._commit_many,
+            limit=COMMIT_BATCH,
+            name="commit refreshes",
+            ready=self._db.writer_free,
+        )
 
     async def _commit_many(self, commits: Sequence[_Commit]) -> list[Grant | Exception]:
         # Sealed before the transaction, and versions taken last: the change sequence's lock

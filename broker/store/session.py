@@ -115,6 +115,14 @@ class Database:
         async with translated(), self._reader.connect() as conn:
             yield conn
 
+    async def writer_free(self) -> None:
+        """Return when this process's write transactions queued before now have ended (SQLite,
+        whose writes take turns; at once on PostgreSQL). A batch of writes gathered after
+        this takes in everything that queued up meanwhile."""
+        if self._one_writer is not None and self._one_writer.locked():
+            async with self._one_writer:
+                pass
+
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction, committed when the block ends without an error."""
