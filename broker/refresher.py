@@ -85,6 +85,10 @@ EXCLUSIVE_POLL_SECONDS = 0.2
 CLAIM_SPREAD_SECONDS = 0.05  # in a fleet, a random pause before claiming spreads the work
 STALL_AFTER = timedelta(seconds=30)
 DUE_BATCH = 64
+# Near saturation (less than 1/CLAIM_GATHER_BELOW of the slots free, grants due), the schedule
+# waits up to CLAIM_GATHER_SECONDS for more slots to free up before it claims (see _gather_slots).
+CLAIM_GATHER_BELOW = 4
+CLAIM_GATHER_SECONDS = 0.005
 # While the store is unreachable the schedule loop says so on its first failure and then on
 # every this many (one a second).
 STORE_ERROR_LOG_EVERY = 30
@@ -306,10 +310,12 @@ class Refresher:
         for each claimed; those that cannot start now go back on the agenda for later."""
         # No more than could start here now: what is taken and cannot start goes back on the
         # agenda, and during a backlog that would be a batch's worth for each refresh ending.
-        free = sum(
-            max(0, self._max_concurrency - self._sending_per_provider[provider])
-            for provider in self._providers
-        )
+        free = self._free_slots()
+        if free * CLAIM_GATHER_BELOW < self._max_concurrency and self._sending:
+            next_due = self._agenda.next_at()
+            if next_due is not None and next_due <= now:
+                free = await self._gather_slots()
+                now = self._clock()
         if free < 1:
             self._starved = True  # until a refresh ends and wakes the loop
             return
@@ -341,6 +347,28 @@ class Refresher:
                 await self._claim_batch(provider, grants[:room], now)
             else:
                 self._starved = True
+
+    def _free_slots(self) -> int:
+        return sum(
+            max(0, self._max_concurrency - self._sending_per_provider[provider])
+            for provider in self._providers
+        )
+
+    async def _gather_slots(self) -> int:
+        """Nearly every slot is busy and grants are due: refreshes are about to end, and their
+        slots claimed together cost one transaction instead of one each. Wait for them a
+        moment (at most CLAIM_GATHER_SECONDS); the free slots then."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLAIM_GATHER_SECONDS
+        free = self._free_slots()
+        while self._sending and free * CLAIM_GATHER_BELOW < self._max_concurrency:
+            left = until - loop.time()
+            if left <= 0:
+                break
+            self._wake.clear()  # set again by the next refresh to end
+            await wait_event(self._wake, left)
+            free = self._free_slots()
+        return free
 
     def _not_before(self, grant: Grant, mono: float) -> float | None:
         """Seconds until `grant` may be tried here (a local cool-down, a closed gate,
