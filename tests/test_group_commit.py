@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import event
@@ -19,6 +20,7 @@ from broker.store.repository import GrantRepository
 from broker.store.rotations import _Commit
 from broker.store.session import Database
 from broker.tasks import Tasks
+from tests.conftest import migrated
 from tests.test_follower import new_grant
 
 NOW = datetime.now(UTC)
@@ -205,12 +207,15 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
 
 
 async def test_writes_that_queue_while_the_store_is_busy_go_in_one_transaction(
-    engine: AsyncEngine, keyring: Keyring
+    tmp_path: Path, keyring: Keyring
 ) -> None:
     """On SQLite, whose writes take turns: a batch is gathered once the store is free, so the
     first write does not take a transaction of its own while the others wait behind it."""
-    if engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL's write transactions do not take turns")
+    async with migrated(f"sqlite:///{tmp_path / 'busy.db'}") as engine:
+        await _queue_while_busy(engine, keyring)
+
+
+async def _queue_while_busy(engine: AsyncEngine, keyring: Keyring) -> None:
     repo = CountingRepository(engine, keyring)
     stored = [await repo.insert(new_grant(f"busy{i}"), NOW) for i in range(3)]
     tasks = Tasks()
