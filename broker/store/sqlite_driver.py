@@ -4,7 +4,7 @@ aiosqlite runs each call on the sqlite3 connection in a thread of its own, and S
 adapter makes four such calls for a statement that returns rows (open a cursor, execute, fetch,
 close) and three for one that does not. Each trip is a hand-off to that thread and back to the
 event loop, about 30-40 µs of the loop's CPU and as much of the thread's: on the refresher's
-path, where a claim batch runs seven statements and a commit several, those trips cost more
+path, where every claim batch and commit batch runs several statements, those trips cost more
 than the statements themselves. Here a statement's cursor is opened, executed, read to the
 end and closed in one call on the thread, and the adapter's cursor keeps what it returned
 (the rows, the description, the row count, the last row id), which is all SQLAlchemy asks of it.
