@@ -248,3 +248,26 @@ async def test_writes_still_queued_when_the_batching_is_cancelled_fail_instead_o
     errors = await asyncio.gather(*writes, return_exceptions=True)
     assert all(isinstance(e, StoreUnavailable) for e in errors)
     assert ledger.batches == []
+
+
+async def test_a_write_that_landed_in_an_earlier_attempt_is_a_conflict_not_landed_again(
+    engine: AsyncEngine, keyring: Keyring
+) -> None:
+    """A retry whose earlier attempt landed after all misses its fence: it is answered as a
+    conflict (the rotation then finds its write by its id), not counted as landed by this
+    batch because the row's last write carries its id, and the row is not stamped again."""
+    repo = CountingRepository(engine, keyring)
+    first, other = [await repo.insert(new_grant(f"again{i}"), NOW) for i in range(2)]
+    renewed = replace(first, tokens=TokenSet(Secret("rt-again"), Secret("at-again")))
+    landed = await repo.commit_refresh(renewed, first.generation, "w-again", NOW)
+    retry, alongside = await asyncio.gather(
+        repo.commit_refresh(renewed, first.generation, "w-again", NOW),  # the same write
+        repo.commit_refresh(other, other.generation, "w-other", NOW),
+        return_exceptions=True,
+    )
+    assert isinstance(retry, ConflictError)
+    assert isinstance(alongside, Grant)
+    again = await repo.get("p", "again0")
+    assert again is not None
+    assert again.version == landed.version  # not stamped by the retry
+    assert await repo.written_by(first.id, "w-again") is not None

@@ -43,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.errors import ConflictError, DecryptError
+from broker.errors import ConflictError, DecryptError, StoreUnavailable
 from broker.model import Grant, GrantState, grant_name
 from broker.store.group import GroupCommit
 from broker.store.rows import GrantRows
@@ -99,6 +99,11 @@ COMMIT_BATCH = 256
 _COMMIT = update(grants).where(
     grants.c.id == bindparam("fence_id"), grants.c.generation == bindparam("fence_generation")
 )
+# Each row's generation, read before a commit batch is written (the PostgreSQL form locks them).
+_FENCES = select(grants.c.id, grants.c.generation).where(
+    grants.c.id.in_(bindparam("fence_ids", expanding=True))
+)
+_FENCES_LOCKED = _FENCES.with_for_update(of=grants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +495,7 @@ class RotationWrites:
             )
             prepared.append((commit, new, values))
         async with self._db.write() as conn:
-            landed = await _update_fenced(conn, [values for _, _, values in prepared])
+            landed = await _update_fenced(conn, self._db, [v for _, _, v in prepared])
             ids = [commit.grant.id for commit in commits if commit.write_id in landed]
             # Stamped (version and updated_at) last, by the store's clock of that moment.
             stamps = await stamp_writes(conn, self._db, ids, max(c.now for c in commits))
@@ -599,26 +604,35 @@ def _locked(db: Database, query: Select[Any], *, skip_locked: bool = False) -> S
     return query.with_for_update(skip_locked=skip_locked, of=grants)
 
 
-async def _update_fenced(conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
+async def _update_fenced(
+    conn: AsyncConnection, db: Database, rows: list[dict[str, Any]]
+) -> set[str]:
     """Run the fenced commit UPDATE for each of these rows; the write ids that landed.
 
     One executemany for the batch, not a statement per row (each one a round of the driver
-    and of SQLAlchemy's execution): when the driver counts the rows an executemany changed
-    and the count is the batch's, every fence held; otherwise the rows' own `last_write`
-    says which writes landed. A grant twice in one batch (never the case under a lease)
-    goes one row at a time, each fenced by the write before it.
+    and of SQLAlchemy's execution). Which fences hold is read first, in the same transaction
+    with the rows locked (SQLite's write transaction holds the whole store), so a write lands
+    exactly when its own fence holds, as one UPDATE per row would say: a row whose
+    `last_write` is this write's id from an earlier attempt that landed after all does not
+    count (the caller finds that one by its write id). A grant twice in one batch (never the
+    case under a lease) goes one row at a time, each fenced by the write before it.
     """
     if len({row["fence_id"] for row in rows}) < len(rows):
         return {
             row["last_write"] for row in rows if (await conn.execute(_COMMIT, row)).rowcount == 1
         }
-    result = await conn.execute(_COMMIT, rows)
-    if conn.dialect.supports_sane_multi_rowcount and result.rowcount == len(rows):
-        return {row["last_write"] for row in rows}
-    written = await conn.execute(
-        select(grants.c.last_write).where(grants.c.id.in_([row["fence_id"] for row in rows]))
+    fences = _FENCES_LOCKED if db.server_clock else _FENCES
+    current = dict(
+        (await conn.execute(fences, {"fence_ids": [row["fence_id"] for row in rows]})).all()
     )
-    return set(written.scalars()) & {row["last_write"] for row in rows}
+    held = [row for row in rows if current.get(row["fence_id"]) == row["fence_generation"]]
+    if held:
+        result = await conn.execute(_COMMIT, held)
+        if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(held):
+            # Cannot happen while the rows are locked; if it does, nothing is assumed: the
+            # transaction rolls back and each write is tried again.
+            raise StoreUnavailable("the commit batch changed other rows than its fences held")
+    return {row["last_write"] for row in held}
 
 
 # Parameters of the claim statements, which are built once (`_claim_sql`, `_take_sql`): a claim
