@@ -7,6 +7,7 @@ processes and a real daemon) are in tests/test_peers.py.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import grp
 import hashlib
 import os
@@ -16,10 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.api.identity import (
     SO_PEERGROUPS,
     Caller,
+    GrantPatterns,
     Peer,
     Policy,
     database_groups,
@@ -147,6 +151,35 @@ def test_a_uid_matching_a_client_gets_its_patterns_and_no_admin() -> None:
     assert caller == Caller(name="billing", admin=False, patterns=("techniek/*",), uid=1000)
     assert caller.may_fetch("techniek", "alice")
     assert not caller.may_fetch("netid", "alice")
+
+
+# Names and patterns over a small alphabet, so that globs, "/" and near misses meet often.
+_NAME = st.text(alphabet="ab/", max_size=4)
+_PATTERN = st.text(alphabet="ab/*?[]!", max_size=6)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(patterns=st.lists(_PATTERN, max_size=4), provider=_NAME, user=_NAME)
+def test_grant_patterns_decide_as_fnmatchcase_does(
+    patterns: list[str], provider: str, user: str
+) -> None:
+    """Sorting patterns by kind (provider-wide, exact, the rest) changes no decision."""
+    caller = Caller(name="c", admin=False, patterns=tuple(patterns))
+    expected = any(fnmatch.fnmatchcase(f"{provider}/{user}", p) for p in patterns)
+    assert caller.may_fetch(provider, user) is expected
+
+
+def test_grant_patterns_are_sorted_by_kind() -> None:
+    """Provider-wide and exact patterns are set lookups; only the rest are expressions."""
+    grants = GrantPatterns.of(("techniek/*", "netid/alice", "t?chniek/b*", "a*/*", "*"))
+    assert grants.providers == {"techniek"}
+    assert grants.targets == {"netid/alice"}
+    assert len(grants.others) == 3
+    assert grants.allow("techniek", "anyone")
+    assert grants.allow("netid", "alice")
+    assert GrantPatterns.of(("techniek/*",)).allow("techniek", "a/b")
+    assert not GrantPatterns.of(("techniek/*",)).allow("techniekx", "a")
+    assert not GrantPatterns.of(("techniek/*",)).allow("tech", "niek/a")
 
 
 def test_an_unknown_uid_gets_nothing() -> None:

@@ -6,8 +6,9 @@ in front of the application (`start_runner` wraps the server's request handler w
 answers exactly those, with what the full route would answer, byte for byte:
 
 - the caller is the one the connection's peer credentials name (read once per connection, by
-  the full route on the connection's first request), and what it may fetch is remembered per
-  caller and grant until the client rules are reloaded (`Policy.generation`);
+  the full route on the connection's first request), kept until the client rules are reloaded
+  (`Policy.generation`); what it may fetch is decided per request, at the cost of a set lookup
+  or two for the usual patterns (`GrantPatterns`), with nothing kept per grant;
 - the grant is one `GrantService.ready` returns: the full route would serve it at once, with no
   wait, no store check and nothing else to say;
 - the headers and the body around `expires_in` are built once per grant version; the body is
@@ -51,19 +52,16 @@ from broker.model import Grant
 PREFIX = "/v1/tokens/"
 # Bodies kept at most: a broker serving more grants than this rebuilds the rest per second.
 MAX_BODIES = 4096
-# Access decisions kept per caller at most; past it they are made again (a pattern match each).
-MAX_DECISIONS = 65536
 log = structlog.get_logger("broker.api")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True)
 class _Connection:
-    """What one connection's caller is, and may fetch, under one generation of the rules."""
+    """Who one connection's caller is under one generation of the rules."""
 
     generation: int
     caller: Caller
-    allowed: dict[tuple[str, str], bool]  # shared by every connection of the same caller
 
 
 @dataclass(slots=True)
@@ -147,8 +145,6 @@ class FastTokens:
         self._clock = app[CLOCK]
         self._peers = peers
         self._connections: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDictionary()
-        self._allowed: dict[Caller, dict[tuple[str, str], bool]] = {}
-        self._allowed_generation = -1
         self._bodies: dict[str, _Body] = {}
         self._served: dict[str, HotCount] = {}
         self.answered = 0  # requests answered here rather than by the application
@@ -191,13 +187,7 @@ class FastTokens:
         connection = self._connection(transport)
         if connection is None:
             return None
-        key = (provider, user)
-        allowed = connection.allowed.get(key)
-        if allowed is None:
-            if len(connection.allowed) >= MAX_DECISIONS:
-                connection.allowed.clear()
-            allowed = connection.allowed[key] = connection.caller.may_fetch(provider, user)
-        if not allowed:
+        if not connection.caller.may_fetch(provider, user):
             return None
         now = self._clock()
         grant = self._service.ready(provider, user, now)
@@ -226,10 +216,7 @@ class FastTokens:
         if peer is None:
             return None
         caller = self._policy.unix_caller(peer.uid, peer.gid, peer.groups)
-        if self._allowed_generation != generation:
-            self._allowed, self._allowed_generation = {}, generation
-        allowed = self._allowed.setdefault(caller, {})
-        connection = self._connections[transport] = _Connection(generation, caller, allowed)
+        connection = self._connections[transport] = _Connection(generation, caller)
         return connection
 
     def _body(self, grant: Grant) -> _Body:

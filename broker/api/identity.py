@@ -21,10 +21,11 @@ import hashlib
 import hmac
 import os
 import pwd
+import re
 import socket
 import struct
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.config import ClientConfig
@@ -37,6 +38,50 @@ _SOCKOPT_MAX = 1024  # the largest buffer Python's socket.getsockopt accepts: 25
 _MAX_GROUPS = 65_536  # NGROUPS_MAX on Linux
 
 
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True, slots=True)
+class GrantPatterns:
+    """Glob patterns over PROVIDER/USER (fnmatch's, case-sensitive), sorted once by kind so a
+    decision costs the same whatever the number of grants, with nothing kept per grant:
+    "PROVIDER/*" is a set lookup of the target's first segment, a pattern with no glob is a
+    set lookup of the target, and only the rest are matched as regular expressions. Decides
+    exactly as `fnmatch.fnmatchcase` against each pattern would (tests/test_identity.py)."""
+
+    providers: frozenset[str] = frozenset()  # from "PROVIDER/*" with a literal PROVIDER
+    targets: frozenset[str] = frozenset()  # patterns without a glob
+    others: tuple[re.Pattern[str], ...] = ()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)  # a caller is made per request on the full route
+    def of(patterns: tuple[str, ...]) -> GrantPatterns:
+        """The patterns, sorted by kind."""
+        providers: set[str] = set()
+        targets: set[str] = set()
+        others: list[re.Pattern[str]] = []
+        for pattern in patterns:
+            head, sep, rest = pattern.partition("/")
+            if not _GLOB.search(pattern):
+                targets.add(pattern)
+            elif sep and rest == "*" and not _GLOB.search(head):
+                # "*" matches anything, "/" included: the target starts with "HEAD/", which
+                # (HEAD holding no "/") is to say its first segment is HEAD.
+                providers.add(head)
+            else:
+                others.append(re.compile(fnmatch.translate(pattern)))
+        return GrantPatterns(frozenset(providers), frozenset(targets), tuple(others))
+
+    def allow(self, provider: str, user: str) -> bool:
+        """Whether any pattern matches PROVIDER/USER."""
+        if self.providers and provider.partition("/")[0] in self.providers:
+            return True
+        if not self.targets and not self.others:
+            return False
+        target = f"{provider}/{user}"
+        return target in self.targets or any(p.match(target) for p in self.others)
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """An identified caller: a name for logs, admin rights, and the grants it may fetch."""
@@ -45,13 +90,14 @@ class Caller:
     admin: bool
     patterns: tuple[str, ...] = ()
     uid: int | None = None
+    _grants: GrantPatterns = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_grants", GrantPatterns.of(self.patterns))
 
     def may_fetch(self, provider: str, user: str) -> bool:
         """Whether this caller may have the token of PROVIDER/USER."""
-        if self.admin:
-            return True
-        target = f"{provider}/{user}"
-        return any(fnmatch.fnmatchcase(target, pattern) for pattern in self.patterns)
+        return self.admin or self._grants.allow(provider, user)
 
 
 ANONYMOUS = Caller(name="anonymous", admin=False)
