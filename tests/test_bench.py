@@ -134,8 +134,11 @@ def test_scale_measures_each_size(h2load: None, tmp_path: Path, log_dir: Path) -
     compared = rows(results, "Token latency, 10 against 20")
     assert [(row[0], row[1]) for row in compared] == [(10, 1), (20, 1)]
     assert all(row[4] > 0 for row in compared)
+    assert all(row[5] > 0 and row[6] > 0 for row in compared)  # RSS once served, at the end
     comparison = results["results"]["comparison"]
     assert (comparison["reference"], comparison["largest"]) == (10, 20)
+    targets = {row[0]: row for row in rows(results, "Scale targets")}
+    assert targets["RSS MiB, every grant served"][1] == max(comparison["served_rss_mib"]["20"])
     assert_clean_logs(log_dir, "scale-0", "scale-10", "scale-20", "compare-10", "compare-20")
 
 
