@@ -173,8 +173,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "runs": [r.as_dict() for r in runs],
         }
         notes = [
-            f"{args.grants:,} grants; {args.requests:,} requests per run, spread over every "
-            f"grant; {args.rounds} alternating rounds",
+            f"{args.grants:,} grants; {args.requests:,} requests per run, each connection walking "
+            "the URI list from its head (grants asked for: "
+            + ", ".join(
+                f"{min(args.grants, args.requests // c):,} at {c}" for c in args.connections
+            )
+            + f"); {args.rounds} alternating rounds",
             client.describe(),
             f"bare handler: the same {len(sample.body)}-byte body size and the same headers "
             f"({', '.join(sorted(mirrored_headers(sample.headers)))}) as the daemon's answer",
