@@ -20,13 +20,14 @@ single-row durable-commit rate of the same disk and the same PostgreSQL server
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import resource
 import statistics
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import func, select
@@ -250,18 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = Report.start("rotation", ws.root)
         if "sqlite" in stores:
             commits.append(("sqlite", 1, commit_rate.sqlite_rate(ws.root, args.commit_seconds)))
-            for run in range(args.runs):
-                for c in args.concurrency:
-                    storms.append(
-                        storm(
-                            ws,
-                            _run_name("sqlite", c, run),
-                            store="sqlite",
-                            store_url=None,
-                            grants_total=args.grants,
-                            concurrency=c,
-                        )
-                    )
+            storms += _storms(ws, "sqlite", args, lambda: None)
         if "postgresql" in stores and not pg.available(args.postgres_url):
             notes.append(
                 "PostgreSQL skipped: server binaries not found (apt-get install postgresql)"
@@ -273,20 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for connections in (1, max(args.concurrency)):
                     rate = commit_rate.postgres_rate(raw_url, args.commit_seconds, connections)
                     commits.append(("postgresql", connections, rate))
-                for run in range(args.runs):
-                    for c in args.concurrency:
-                        url = server.new_database()
-                        storms.append(
-                            storm(
-                                ws,
-                                _run_name("postgresql", c, run),
-                                store="postgresql",
-                                store_url=url,
-                                grants_total=args.grants,
-                                concurrency=c,
-                                database=pg.postmaster(url),
-                            )
-                        )
+                storms += _storms(ws, "postgresql", args, server.new_database)
         report.results = {
             "storms": [asdict(s) for s in storms],
             "commit_rates": [
@@ -298,9 +275,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.emit(args.json)
 
 
-def _run_name(store: str, concurrency: int, run: int) -> str:
-    """The name of a run's directory and logs: STORE-C for the first, STORE-C-runN after."""
-    return f"{store}-{concurrency}" if run == 0 else f"{store}-{concurrency}-run{run + 1}"
+def _storms(
+    ws: Workspace, store: str, args: argparse.Namespace, new_store: Callable[[], str | None]
+) -> list[Storm]:
+    """`args.runs` storms of each max_concurrency, the settings taking turns, each on a store
+    of its own (`new_store`: a PostgreSQL database's URL, or None for a SQLite file). Named
+    STORE-C for the first run, STORE-C-runN after."""
+    storms = []
+    for run in range(args.runs):
+        for c in args.concurrency:
+            url = new_store()
+            storms.append(
+                storm(
+                    ws,
+                    f"{store}-{c}" if run == 0 else f"{store}-{c}-run{run + 1}",
+                    store=store,
+                    store_url=url,
+                    grants_total=args.grants,
+                    concurrency=c,
+                    database=None if url is None else pg.postmaster(url),
+                )
+            )
+    return storms
 
 
 def _tables(

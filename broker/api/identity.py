@@ -49,9 +49,9 @@ class GrantPatterns:
     set lookup of the target, and only the rest are matched as regular expressions. Decides
     exactly as `fnmatch.fnmatchcase` against each pattern would (tests/test_identity.py)."""
 
-    providers: frozenset[str] = frozenset()  # from "PROVIDER/*" with a literal PROVIDER
-    targets: frozenset[str] = frozenset()  # patterns without a glob
-    others: tuple[re.Pattern[str], ...] = ()
+    providers: frozenset[str]  # from "PROVIDER/*" with a literal PROVIDER
+    targets: frozenset[str]  # patterns without a glob
+    others: tuple[re.Pattern[str], ...]
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)  # a caller is made per request on the full route
