@@ -9,8 +9,9 @@ imported, so token requests, refreshes and revocations of the document's example
 
 Schemathesis then runs the phases of its pytest integration for the operation: the document's
 examples, its coverage cases (boundary and negative values, missing auth, unexpected methods)
-and generated requests, `MAX_EXAMPLES` of them, derandomized. Every case is sent as `billing`
-and then as the admin. Beside Schemathesis's own checks (status codes, media types, headers and
+and generated requests, `MAX_EXAMPLES` of them, derandomized; a bulk import's
+application/x-ndjson body is sent as `_ndjson` makes it. Every case is sent as `billing` and
+then as the admin. Beside Schemathesis's own checks (status codes, media types, headers and
 bodies conform; positive data is accepted and negative data refused; auth is not ignored;
 unexpected methods are 405 with Allow) every response must pass this module's checks (a valid
 `wait` is capped at 2 seconds, so that a request held for it ends within the client's timeout):
@@ -73,6 +74,19 @@ DEADLINE = timedelta(seconds=40)  # per example: two requests, each possibly at 
 MIN_TELLING_TOKEN = 16  # characters a sent refresh token needs before a leak check looks for it
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 PROBLEM_TYPE = "application/problem+json"
+
+
+@schemathesis.serializer("application/x-ndjson")
+def _ndjson(ctx: Any, value: Any) -> bytes:
+    """A bulk import's body as sent. The document's body is text, one import per line, and
+    any text is answered 200 with a result per line; a string goes as it is (a lone surrogate,
+    which UTF-8 cannot carry, as the bytes a careless encoder would write). A value that is
+    not a string (Schemathesis's negative data) goes as what is not text either: its JSON after
+    a byte no UTF-8 text holds, which the broker must refuse with 400."""
+    del ctx
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return b"\xff" + json.dumps(value).encode()
 
 
 def _deployed_document() -> dict[str, Any]:
