@@ -110,8 +110,7 @@ class Traffic:
     """What the client loops saw during one cell."""
 
     statuses: list[int] = field(default_factory=list)
-    served: dict[str, float] = field(default_factory=dict)  # token -> when its request was sent
-    checked: dict[str, float] = field(default_factory=dict)  # token -> when last checked
+    checked: dict[str, float] = field(default_factory=dict)  # every token served -> last check
     rejected: int = 0  # checks that failed with no refresh reaching the provider to excuse them
 
 
@@ -217,7 +216,7 @@ class Lab:
             end_state=end,
             reuse_detections=int(delta.get("reuse_family_revocations", 0)),
             http_500=sum(status == 500 for status in traffic.statuses),
-            served=len(traffic.served),
+            served=len(traffic.checked),
             rejected=traffic.rejected,
             seconds=round(time.monotonic() - started, 1),
         )
@@ -225,7 +224,8 @@ class Lab:
         return row
 
     def _refresh_reached_provider(self, after: float, before: float) -> bool:
-        """Whether the proxy passed a token request on between two epoch times."""
+        """Whether a token request arrived at the proxy (the broker's way to the provider)
+        between two epoch times."""
         return any(after < at < before for at, route in self.proxy.arrivals if route is Route.TOKEN)
 
     @staticmethod
@@ -260,7 +260,6 @@ class Lab:
             traffic.statuses.append(reply.status)
             if reply.status == 200:
                 token = reply.json()["access_token"]
-                traffic.served.setdefault(token, sent)
                 last = traffic.checked.get(token)
                 if last is None or self._refresh_reached_provider(last, sent):
                     traffic.checked[token] = time.time()
